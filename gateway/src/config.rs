@@ -1,0 +1,629 @@
+//! Gateway configuration: a TOML file, typed, with defaults and checks that name the
+//! key and the file.
+//!
+//! ```toml
+//! [gateway]
+//! data_dir = "/var/lib/voither-gateway"
+//!
+//! [mqtt]
+//! host = "127.0.0.1"
+//! port = 1883
+//! client_id = "voither-gateway"
+//!
+//! [broker]            # the embedded broker (feature `embedded-broker`)
+//! enabled = true
+//! listen = "127.0.0.1:1883"
+//!
+//! [[lanes]]
+//! name = "alarms"
+//! priority = 0
+//! topics = ["alarms/#"]
+//!
+//! [[lanes]]
+//! name = "telemetry"
+//! priority = 1
+//! topics = ["devices/#"]
+//!
+//! [uplink]
+//! endpoints = ["127.0.0.1:7700"]
+//! server_name = "voither-hub"
+//! ca = "pki/ca.pem"
+//! cert = "pki/gateway-1.pem"
+//! key = "pki/gateway-1.key"
+//!
+//! [admin]
+//! listen = "127.0.0.1:9100"
+//! ```
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// A configuration that could not be loaded; the message names the file and the key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML or has a key of the wrong type or an unknown key.
+    #[error("invalid config file {path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The parser's message, naming the key.
+        message: String,
+    },
+    /// A value is out of range or inconsistent.
+    #[error("invalid config file {path}: key `{key}`: {message}")]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// The dotted key.
+        key: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// The whole gateway configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Identity and local state.
+    #[serde(default)]
+    pub gateway: GatewaySection,
+    /// MQTT ingest.
+    #[serde(default)]
+    pub mqtt: MqttSection,
+    /// The embedded MQTT broker.
+    #[serde(default)]
+    pub broker: BrokerSection,
+    /// Local store.
+    #[serde(default)]
+    pub store: StoreSection,
+    /// Lanes: priority classes that topics map to.
+    #[serde(default = "default_lanes")]
+    pub lanes: Vec<LaneConfig>,
+    /// Sync to the hub.
+    pub uplink: UplinkSection,
+    /// Admin HTTP endpoint.
+    #[serde(default)]
+    pub admin: AdminSection,
+    /// Logging.
+    #[serde(default)]
+    pub log: LogSection,
+}
+
+/// `[gateway]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GatewaySection {
+    /// Folder for the store and other state.
+    #[serde(default = "default_data_dir")]
+    pub data_dir: PathBuf,
+}
+
+impl Default for GatewaySection {
+    fn default() -> Self {
+        Self { data_dir: default_data_dir() }
+    }
+}
+
+fn default_data_dir() -> PathBuf {
+    PathBuf::from("/var/lib/voither-gateway")
+}
+
+/// `[mqtt]`: the broker the ingest client subscribes to.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MqttSection {
+    /// Broker host.
+    #[serde(default = "default_mqtt_host")]
+    pub host: String,
+    /// Broker port.
+    #[serde(default = "default_mqtt_port")]
+    pub port: u16,
+    /// Fixed client id: the persistent session is keyed by it.
+    #[serde(default = "default_client_id")]
+    pub client_id: String,
+    /// Largest payload accepted, bytes; larger messages are refused by the client.
+    #[serde(default = "default_max_payload")]
+    pub max_payload_bytes: usize,
+    /// Keep-alive, seconds.
+    #[serde(default = "default_keep_alive")]
+    pub keep_alive_s: u64,
+    /// Most messages in one durable commit.
+    #[serde(default = "default_batch_max")]
+    pub batch_max_messages: usize,
+    /// Longest a message waits for its commit to fill up, milliseconds.
+    #[serde(default = "default_batch_ms")]
+    pub batch_max_delay_ms: u64,
+    /// Optional user name.
+    #[serde(default)]
+    pub username: Option<String>,
+    /// Optional password.
+    #[serde(default)]
+    pub password: Option<String>,
+}
+
+impl Default for MqttSection {
+    fn default() -> Self {
+        Self {
+            host: default_mqtt_host(),
+            port: default_mqtt_port(),
+            client_id: default_client_id(),
+            max_payload_bytes: default_max_payload(),
+            keep_alive_s: default_keep_alive(),
+            batch_max_messages: default_batch_max(),
+            batch_max_delay_ms: default_batch_ms(),
+            username: None,
+            password: None,
+        }
+    }
+}
+
+fn default_mqtt_host() -> String {
+    "127.0.0.1".into()
+}
+const fn default_mqtt_port() -> u16 {
+    1883
+}
+fn default_client_id() -> String {
+    "voither-gateway".into()
+}
+const fn default_max_payload() -> usize {
+    256 * 1024
+}
+const fn default_keep_alive() -> u64 {
+    15
+}
+const fn default_batch_max() -> usize {
+    512
+}
+const fn default_batch_ms() -> u64 {
+    5
+}
+
+/// `[broker]`: the broker inside the agent.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BrokerSection {
+    /// Start the embedded broker.
+    #[serde(default)]
+    pub enabled: bool,
+    /// Address it listens on.
+    #[serde(default = "default_broker_listen")]
+    pub listen: SocketAddr,
+}
+
+impl Default for BrokerSection {
+    fn default() -> Self {
+        Self { enabled: false, listen: default_broker_listen() }
+    }
+}
+
+fn default_broker_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 1883))
+}
+
+/// `[store]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreSection {
+    /// Page cache of the store, bytes (edge devices have little memory).
+    #[serde(default = "default_cache")]
+    pub cache_bytes: usize,
+}
+
+impl Default for StoreSection {
+    fn default() -> Self {
+        Self { cache_bytes: default_cache() }
+    }
+}
+
+const fn default_cache() -> usize {
+    16 * 1024 * 1024
+}
+
+/// `[[lanes]]`: one priority class.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LaneConfig {
+    /// Lane name (letters, digits, `-`, `_`).
+    pub name: String,
+    /// Lower is sent first.
+    #[serde(default = "default_priority")]
+    pub priority: u8,
+    /// MQTT topic filters whose messages go to this lane.
+    #[serde(default)]
+    pub topics: Vec<String>,
+}
+
+const fn default_priority() -> u8 {
+    5
+}
+
+fn default_lanes() -> Vec<LaneConfig> {
+    vec![LaneConfig { name: "telemetry".into(), priority: 1, topics: vec!["#".into()] }]
+}
+
+/// `[uplink]`: the hubs and the gateway's identity.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UplinkSection {
+    /// Hub endpoints, `host:port`, in order of preference.
+    pub endpoints: Vec<String>,
+    /// Name the hub's certificate must carry.
+    #[serde(default = "default_server_name")]
+    pub server_name: String,
+    /// CA bundle (PEM) the hub's certificate must chain to.
+    pub ca: PathBuf,
+    /// This gateway's certificate chain (PEM).
+    pub cert: PathBuf,
+    /// This gateway's private key (PEM).
+    pub key: PathBuf,
+    /// QUIC keep-alive interval, milliseconds.
+    #[serde(default = "default_keep_alive_ms")]
+    pub keep_alive_ms: u64,
+    /// Connection is dead after this long without a packet, milliseconds.
+    #[serde(default = "default_idle_ms")]
+    pub idle_timeout_ms: u64,
+    /// Give up a connection attempt after this long, milliseconds.
+    #[serde(default = "default_connect_ms")]
+    pub connect_timeout_ms: u64,
+    /// Batches in flight per lane.
+    #[serde(default = "default_window")]
+    pub window_batches: usize,
+    /// Most records per batch.
+    #[serde(default = "default_batch_records")]
+    pub batch_records: usize,
+    /// Reconnect backoff floor, milliseconds.
+    #[serde(default = "default_backoff_min")]
+    pub backoff_min_ms: u64,
+    /// Reconnect backoff ceiling, milliseconds.
+    #[serde(default = "default_backoff_max")]
+    pub backoff_max_ms: u64,
+}
+
+fn default_server_name() -> String {
+    "voither-hub".into()
+}
+const fn default_keep_alive_ms() -> u64 {
+    1_000
+}
+const fn default_idle_ms() -> u64 {
+    5_000
+}
+const fn default_connect_ms() -> u64 {
+    5_000
+}
+const fn default_window() -> usize {
+    8
+}
+const fn default_batch_records() -> usize {
+    1024
+}
+const fn default_backoff_min() -> u64 {
+    200
+}
+const fn default_backoff_max() -> u64 {
+    30_000
+}
+
+/// `[admin]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminSection {
+    /// Listen address of `/metrics`, `/healthz`, `/readyz`, `/status`.
+    #[serde(default = "default_admin")]
+    pub listen: SocketAddr,
+}
+
+impl Default for AdminSection {
+    fn default() -> Self {
+        Self { listen: default_admin() }
+    }
+}
+
+fn default_admin() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 9100))
+}
+
+/// `[log]`
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogSection {
+    /// Emit JSON lines instead of text.
+    #[serde(default)]
+    pub json: bool,
+}
+
+/// Source of environment overrides; tests pass a map instead of touching the process.
+pub trait Env {
+    /// The value of `key`, if set.
+    fn get(&self, key: &str) -> Option<String>;
+}
+
+/// The real process environment.
+#[derive(Debug, Clone, Copy)]
+pub struct ProcessEnv;
+
+impl Env for ProcessEnv {
+    fn get(&self, key: &str) -> Option<String> {
+        std::env::var(key).ok()
+    }
+}
+
+impl Env for HashMap<String, String> {
+    fn get(&self, key: &str) -> Option<String> {
+        HashMap::get(self, key).cloned()
+    }
+}
+
+impl UplinkSection {
+    /// Keep-alive interval.
+    pub fn keep_alive(&self) -> Duration {
+        Duration::from_millis(self.keep_alive_ms)
+    }
+    /// Idle timeout.
+    pub fn idle_timeout(&self) -> Duration {
+        Duration::from_millis(self.idle_timeout_ms)
+    }
+    /// Connect timeout.
+    pub fn connect_timeout(&self) -> Duration {
+        Duration::from_millis(self.connect_timeout_ms)
+    }
+}
+
+impl Config {
+    /// Reads, parses and checks `path`, then applies `VOITHER_GATEWAY_*` overrides from `env`.
+    ///
+    /// Relative paths in the file are taken relative to the file's folder.
+    pub fn load(path: &Path, env: &dyn Env) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
+        let mut cfg = Self::parse(&text, path)?;
+        if let Some(v) = env.get("VOITHER_GATEWAY_DATA_DIR") {
+            cfg.gateway.data_dir = PathBuf::from(v);
+        }
+        if let Some(v) = env.get("VOITHER_GATEWAY_ADMIN_LISTEN") {
+            cfg.admin.listen = v.parse().map_err(|e| ConfigError::Invalid {
+                path: path.into(),
+                key: "VOITHER_GATEWAY_ADMIN_LISTEN".into(),
+                message: format!("{e}"),
+            })?;
+        }
+        let base = path.parent().unwrap_or(Path::new("."));
+        for p in [&mut cfg.gateway.data_dir, &mut cfg.uplink.ca, &mut cfg.uplink.cert, &mut cfg.uplink.key] {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        }
+        Ok(cfg)
+    }
+
+    /// Parses and checks TOML text; `path` only names the source in errors.
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let cfg: Config =
+            toml::from_str(text).map_err(|e| ConfigError::Parse { path: path.into(), message: e.to_string() })?;
+        cfg.validate(path)?;
+        Ok(cfg)
+    }
+
+    fn validate(&self, path: &Path) -> Result<(), ConfigError> {
+        let bad = |key: &str, message: String| ConfigError::Invalid { path: path.into(), key: key.into(), message };
+        if self.lanes.is_empty() {
+            return Err(bad("lanes", "at least one lane is needed".into()));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for (i, lane) in self.lanes.iter().enumerate() {
+            if lane.name.is_empty()
+                || lane.name.len() > 64
+                || !lane.name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            {
+                return Err(bad(
+                    &format!("lanes[{i}].name"),
+                    format!("{:?} must be 1 to 64 letters, digits, '-' or '_'", lane.name),
+                ));
+            }
+            if !seen.insert(&lane.name) {
+                return Err(bad(&format!("lanes[{i}].name"), format!("lane {:?} is defined twice", lane.name)));
+            }
+            for (j, t) in lane.topics.iter().enumerate() {
+                if let Err(m) = check_filter(t) {
+                    return Err(bad(&format!("lanes[{i}].topics[{j}]"), format!("{t:?}: {m}")));
+                }
+            }
+        }
+        if self.uplink.endpoints.is_empty() {
+            return Err(bad("uplink.endpoints", "at least one hub endpoint is needed".into()));
+        }
+        for (i, e) in self.uplink.endpoints.iter().enumerate() {
+            if e.rsplit_once(':').and_then(|(_, p)| p.parse::<u16>().ok()).is_none() {
+                return Err(bad(&format!("uplink.endpoints[{i}]"), format!("{e:?} is not host:port")));
+            }
+        }
+        if self.mqtt.max_payload_bytes == 0 || self.mqtt.max_payload_bytes > 16 * 1024 * 1024 {
+            return Err(bad("mqtt.max_payload_bytes", "must be between 1 and 16 MiB".into()));
+        }
+        if self.mqtt.batch_max_messages == 0 || self.mqtt.batch_max_messages > 65_535 {
+            return Err(bad("mqtt.batch_max_messages", "must be between 1 and 65535".into()));
+        }
+        if self.uplink.window_batches == 0 || self.uplink.window_batches > 1024 {
+            return Err(bad("uplink.window_batches", "must be between 1 and 1024".into()));
+        }
+        if self.uplink.batch_records == 0 || self.uplink.batch_records > 65_536 {
+            return Err(bad("uplink.batch_records", "must be between 1 and 65536".into()));
+        }
+        if self.uplink.idle_timeout_ms <= self.uplink.keep_alive_ms {
+            return Err(bad("uplink.idle_timeout_ms", "must be larger than uplink.keep_alive_ms".into()));
+        }
+        if self.uplink.backoff_min_ms == 0 || self.uplink.backoff_min_ms > self.uplink.backoff_max_ms {
+            return Err(bad("uplink.backoff_min_ms", "must be at least 1 and at most uplink.backoff_max_ms".into()));
+        }
+        if self.store.cache_bytes < 1024 * 1024 {
+            return Err(bad("store.cache_bytes", "must be at least 1 MiB".into()));
+        }
+        Ok(())
+    }
+
+    /// The lane a topic maps to: the first lane with a matching filter.
+    pub fn lane_for(&self, topic: &str) -> Option<&LaneConfig> {
+        self.lanes.iter().find(|l| l.topics.iter().any(|f| topic_matches(f, topic)))
+    }
+}
+
+/// True when every topic that `a` matches is also matched by `b`.
+pub fn filter_covers(b: &str, a: &str) -> bool {
+    let mut bi = b.split('/');
+    let mut ai = a.split('/');
+    loop {
+        match (bi.next(), ai.next()) {
+            (Some("#"), _) => return true,
+            (Some("+"), Some(x)) if x != "#" => {}
+            (Some(x), Some(y)) if x == y && x != "+" && x != "#" => {}
+            (None, None) => return true,
+            _ => return false,
+        }
+    }
+}
+
+impl Config {
+    /// The filters to subscribe to: every lane filter, less those another one covers.
+    ///
+    /// Brokers may deliver a message once per matching subscription; subscribing to
+    /// `devices/#` and `devices/+/alarm` would store every alarm twice. Routing to a
+    /// lane is done by the agent (first lane whose filter matches), so the covering
+    /// filter alone is enough.
+    pub fn subscriptions(&self) -> Vec<String> {
+        let all: Vec<&String> = self.lanes.iter().flat_map(|l| l.topics.iter()).collect();
+        let mut out: Vec<String> = Vec::new();
+        for (i, f) in all.iter().enumerate() {
+            let covered =
+                all.iter().enumerate().any(|(j, g)| j != i && filter_covers(g, f) && (!filter_covers(f, g) || j < i));
+            if !covered && !out.contains(f) {
+                out.push((*f).clone());
+            }
+        }
+        out
+    }
+}
+
+fn check_filter(f: &str) -> Result<(), &'static str> {
+    if f.is_empty() {
+        return Err("empty topic filter");
+    }
+    let levels: Vec<&str> = f.split('/').collect();
+    for (i, l) in levels.iter().enumerate() {
+        if l.contains('#') && (*l != "#" || i != levels.len() - 1) {
+            return Err("'#' must be a whole level and the last one");
+        }
+        if l.contains('+') && *l != "+" {
+            return Err("'+' must be a whole level");
+        }
+    }
+    Ok(())
+}
+
+/// MQTT topic filter matching (`+` one level, `#` the rest).
+pub fn topic_matches(filter: &str, topic: &str) -> bool {
+    let mut f = filter.split('/');
+    let mut t = topic.split('/');
+    loop {
+        match (f.next(), t.next()) {
+            (Some("#"), _) => return true,
+            (Some("+"), Some(_)) => {}
+            (Some(a), Some(b)) if a == b => {}
+            (None, None) => return true,
+            _ => return false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIN: &str = r#"
+[uplink]
+endpoints = ["127.0.0.1:7700"]
+ca = "ca.pem"
+cert = "gw.pem"
+key = "gw.key"
+"#;
+
+    #[test]
+    fn minimal_config_has_defaults() {
+        let c = Config::parse(MIN, Path::new("g.toml")).unwrap();
+        assert_eq!(c.lanes.len(), 1);
+        assert_eq!(c.admin.listen.to_string(), "127.0.0.1:9100");
+        assert!(!c.broker.enabled);
+        assert_eq!(c.mqtt.client_id, "voither-gateway");
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let err = Config::parse(&format!("{MIN}\n[admin]\nlisten = \"127.0.0.1:1\"\nlisen = 3\n"), Path::new("g.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("g.toml") && err.contains("lisen"), "{err}");
+    }
+
+    #[test]
+    fn bad_values_name_the_key() {
+        let cases = [
+            ("[[lanes]]\nname = \"a b\"\n", "lanes[0].name"),
+            ("[[lanes]]\nname = \"a\"\ntopics = [\"x/#/y\"]\n", "lanes[0].topics[0]"),
+            ("[[lanes]]\nname = \"a\"\n[[lanes]]\nname = \"a\"\n", "lanes[1].name"),
+            ("[mqtt]\nmax_payload_bytes = 0\n", "mqtt.max_payload_bytes"),
+        ];
+        for (extra, key) in cases {
+            let err = Config::parse(&format!("{extra}{MIN}"), Path::new("g.toml")).unwrap_err().to_string();
+            assert!(err.contains(key), "{key}: {err}");
+        }
+        let err = Config::parse(&MIN.replace("127.0.0.1:7700", "nohost"), Path::new("g.toml")).unwrap_err();
+        assert!(err.to_string().contains("uplink.endpoints[0]"), "{err}");
+    }
+
+    #[test]
+    fn env_overrides_come_from_the_given_map() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("g.toml");
+        std::fs::write(&p, MIN).unwrap();
+        let env: HashMap<String, String> =
+            [("VOITHER_GATEWAY_ADMIN_LISTEN".to_string(), "127.0.0.1:9999".to_string())].into();
+        let c = Config::load(&p, &env).unwrap();
+        assert_eq!(c.admin.listen.port(), 9999);
+        assert_eq!(c.uplink.ca, dir.path().join("ca.pem"), "relative paths are taken from the file's folder");
+    }
+
+    #[test]
+    fn covered_filters_are_not_subscribed_twice() {
+        let c = Config::parse(
+            &format!(
+                "[[lanes]]\nname = \"a\"\ntopics = [\"devices/+/alarm\", \"x/y\"]\n[[lanes]]\nname = \"t\"\ntopics = [\"devices/#\", \"x/+\", \"x/+\"]\n{MIN}"
+            ),
+            Path::new("g.toml"),
+        )
+        .unwrap();
+        assert_eq!(c.subscriptions(), vec!["devices/#".to_string(), "x/+".to_string()]);
+        assert_eq!(c.lane_for("devices/1/alarm").unwrap().name, "a");
+        assert!(filter_covers("+/+", "a/b") && !filter_covers("a/b", "+/+") && !filter_covers("a/+", "a/#"));
+    }
+
+    #[test]
+    fn topic_matching() {
+        assert!(topic_matches("a/#", "a/b/c"));
+        assert!(topic_matches("a/+/c", "a/b/c"));
+        assert!(!topic_matches("a/+/c", "a/b/d"));
+        assert!(topic_matches("#", "x"));
+        assert!(!topic_matches("a/b", "a/b/c"));
+    }
+}

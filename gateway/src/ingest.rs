@@ -1,0 +1,260 @@
+//! MQTT ingest: subscribe with QoS 1 on a persistent session, group-commit what
+//! arrives, and acknowledge each message to the broker only after its commit.
+//!
+//! Two tasks. The event-loop task is the only one that touches rumqttc: it polls the
+//! event loop, hands publishes to the committer, and queues the PUBACKs the committer
+//! sends back. It never waits on the committer: rumqttc drains its request channel
+//! (our PUBACKs) only while it is polled, so a poller blocked on a full hand-off
+//! channel while the committer waits on a full request channel would stall both. When
+//! too many publishes wait for the committer, the task stops polling for new ones (TCP
+//! backpressure reaches the broker) but keeps draining acks.
+//!
+//! The committer collects up to `batch_max_messages` or `batch_max_delay_ms`, appends
+//! them in one durable commit, then returns their PUBACKs.
+//!
+//! Memory is bounded: publishes waiting are at most `4 × batch_max_messages` plus one
+//! batch being committed; the request channel is sized to hold an ack for each.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, Publish, QoS};
+use tokio::sync::{mpsc, watch, Notify};
+use tracing::{debug, error, info, warn};
+
+use crate::config::Config;
+use crate::metrics::{DropLabel, Metrics};
+use crate::store::{message_hash, NewRecord, Store};
+use crate::Heartbeat;
+
+/// Runs ingest until `shutdown` turns true.
+pub async fn run(
+    cfg: Arc<Config>,
+    store: Arc<Store>,
+    metrics: Arc<Metrics>,
+    appended: Arc<Notify>,
+    heartbeat: Arc<Heartbeat>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let m = &cfg.mqtt;
+    let mut opts = MqttOptions::new(m.client_id.clone(), m.host.clone(), m.port);
+    opts.set_clean_session(false);
+    opts.set_manual_acks(true);
+    opts.set_keep_alive(Duration::from_secs(m.keep_alive_s.max(5)));
+    // Incoming limit above the payload limit, so an oversized message is refused by us
+    // (counted, acked, dropped) instead of breaking the connection for ever after.
+    let incoming = (m.max_payload_bytes * 2 + 64 * 1024).max(1024 * 1024);
+    opts.set_max_packet_size(incoming, 64 * 1024);
+    if let (Some(u), Some(p)) = (&m.username, &m.password) {
+        opts.set_credentials(u.clone(), p.clone());
+    }
+    let batch = m.batch_max_messages;
+    let handoff = batch * 2;
+    let overflow_max = batch * 4;
+    // Every publish not yet acked fits: hand-off + overflow + one batch in commit.
+    let cap = handoff + overflow_max + batch + 64;
+    opts.set_request_channel_capacity(cap);
+    let (client, mut eventloop) = AsyncClient::new(opts, cap);
+    let (tx, rx) = mpsc::channel::<Publish>(handoff);
+    let (ack_tx, mut ack_rx) = mpsc::unbounded_channel::<Vec<Publish>>();
+
+    let filters = cfg.subscriptions();
+    let committer =
+        tokio::spawn(commit_loop(cfg.clone(), store, metrics.clone(), appended, ack_tx, rx, heartbeat.clone()));
+
+    let mut overflow: VecDeque<Publish> = VecDeque::new();
+    let mut unsent_acks: VecDeque<Publish> = VecDeque::new();
+    let mut backoff = Duration::from_millis(100);
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        while let Some(p) = unsent_acks.front() {
+            if client.try_ack(p).is_err() {
+                break;
+            }
+            unsent_acks.pop_front();
+        }
+        while let Some(p) = overflow.pop_front() {
+            match tx.try_send(p) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Full(p)) => {
+                    overflow.push_front(p);
+                    break;
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => return,
+            }
+        }
+        let can_poll = overflow.len() < overflow_max;
+        tokio::select! {
+            _ = shutdown.changed() => break,
+            acks = ack_rx.recv() => match acks {
+                Some(acks) => unsent_acks.extend(acks),
+                None => break,
+            },
+            permit = tx.reserve(), if !overflow.is_empty() => match permit {
+                Ok(permit) => permit.send(overflow.pop_front().expect("non-empty")),
+                Err(_) => break,
+            },
+            ev = eventloop.poll(), if can_poll => match ev {
+                Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                    backoff = Duration::from_millis(100);
+                    info!(host = %cfg.mqtt.host, port = cfg.mqtt.port, session_present = ack.session_present, "Connected to the MQTT broker.");
+                    for f in &filters {
+                        if let Err(e) = client.try_subscribe(f.clone(), QoS::AtLeastOnce) {
+                            warn!(filter = %f, error = %e, "Could not queue the subscription.");
+                        }
+                    }
+                }
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    heartbeat.ingest.tick();
+                    overflow.push_back(p);
+                }
+                Ok(Event::Incoming(Packet::SubAck(s))) => debug!(pkid = s.pkid, "Subscribed."),
+                Ok(_) => {}
+                Err(e) => {
+                    metrics.mqtt_errors.inc();
+                    warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "MQTT connection failed, retrying.");
+                    tokio::select! {
+                        _ = shutdown.changed() => break,
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            },
+            _ = tick.tick() => heartbeat.ingest.tick(),
+        }
+    }
+    drop(tx);
+    // The committer finishes the batch it holds; its acks go out below if the broker
+    // is still there, else the broker redelivers and the redelivery check catches it.
+    let _ = committer.await;
+    while let Ok(acks) = ack_rx.try_recv() {
+        unsent_acks.extend(acks);
+    }
+    for p in &unsent_acks {
+        let _ = client.try_ack(p);
+    }
+    let _ = client.try_disconnect();
+    let _ = tokio::time::timeout(Duration::from_millis(500), async { while eventloop.poll().await.is_ok() {} }).await;
+}
+
+async fn commit_loop(
+    cfg: Arc<Config>,
+    store: Arc<Store>,
+    metrics: Arc<Metrics>,
+    appended: Arc<Notify>,
+    acks: mpsc::UnboundedSender<Vec<Publish>>,
+    mut rx: mpsc::Receiver<Publish>,
+    heartbeat: Arc<Heartbeat>,
+) {
+    let max = cfg.mqtt.batch_max_messages;
+    let delay = Duration::from_millis(cfg.mqtt.batch_max_delay_ms);
+    let mut inflight: HashMap<u16, u64> = match store.mqtt_inflight() {
+        Ok(m) => m,
+        Err(e) => {
+            error!(error = %e, "Cannot read the MQTT redelivery table; redeliveries after a crash may be stored twice.");
+            HashMap::new()
+        }
+    };
+    let mut batch: Vec<Publish> = Vec::with_capacity(max);
+    loop {
+        heartbeat.committer.tick();
+        let first = tokio::select! {
+            p = rx.recv() => p,
+            _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+        };
+        let Some(first) = first else { break };
+        batch.push(first);
+        let deadline = tokio::time::Instant::now() + delay;
+        while batch.len() < max {
+            match tokio::time::timeout_at(deadline, rx.recv()).await {
+                Ok(Some(p)) => batch.push(p),
+                Ok(None) | Err(_) => break,
+            }
+        }
+        let done = commit(&cfg, &store, &metrics, &mut inflight, std::mem::take(&mut batch)).await;
+        if acks.send(done).is_err() {
+            break;
+        }
+        appended.notify_one();
+    }
+}
+
+async fn commit(
+    cfg: &Config,
+    store: &Arc<Store>,
+    metrics: &Metrics,
+    inflight: &mut HashMap<u16, u64>,
+    batch: Vec<Publish>,
+) -> Vec<Publish> {
+    let mut records = Vec::with_capacity(batch.len());
+    let mut entries = Vec::with_capacity(batch.len());
+    let mut ack_only = Vec::new();
+    let mut to_ack = Vec::with_capacity(batch.len());
+    let now_ms = crate::unix_ms();
+    for p in batch {
+        let hash = message_hash(&p.topic, &p.payload);
+        if p.dup && inflight.get(&p.pkid) == Some(&hash) {
+            // Stored before a crash or reconnect, PUBACK lost: acknowledge, do not store.
+            metrics.redelivered_duplicates.inc();
+            ack_only.push(Publish { payload: Default::default(), ..p });
+            continue;
+        }
+        let Some(lane) = cfg.lane_for(&p.topic) else {
+            warn!(topic = %p.topic, "Message matches no lane, dropped.");
+            metrics.dropped_records.get_or_create(&DropLabel { lane: String::new(), reason: "unrouted".into() }).inc();
+            ack_only.push(Publish { payload: Default::default(), ..p });
+            continue;
+        };
+        metrics.ingested_records.get_or_create(&Metrics::lane(&lane.name)).inc();
+        metrics.ingested_bytes.get_or_create(&Metrics::lane(&lane.name)).inc_by(p.payload.len() as u64);
+        if p.payload.len() > cfg.mqtt.max_payload_bytes {
+            warn!(topic = %p.topic, bytes = p.payload.len(), limit = cfg.mqtt.max_payload_bytes, "Payload over mqtt.max_payload_bytes, dropped.");
+            metrics
+                .dropped_records
+                .get_or_create(&DropLabel { lane: lane.name.clone(), reason: "oversize".into() })
+                .inc();
+            ack_only.push(Publish { payload: Default::default(), ..p });
+            continue;
+        }
+        records.push(NewRecord {
+            lane: lane.name.clone(),
+            ingest_ts_ms: now_ms,
+            source: p.topic.clone(),
+            content_type: None,
+            payload: p.payload.to_vec(),
+        });
+        entries.push((p.pkid, hash));
+        to_ack.push(Publish { payload: Default::default(), ..p });
+    }
+    if !records.is_empty() {
+        let mut wait = Duration::from_millis(50);
+        loop {
+            let s = store.clone();
+            let (recs, ents) = (records.clone(), entries.clone());
+            let started = tokio::time::Instant::now();
+            let res = tokio::task::spawn_blocking(move || s.append_batch(&recs, &ents)).await;
+            match res {
+                Ok(Ok(_seqs)) => {
+                    metrics.store_commit_seconds.observe(started.elapsed().as_secs_f64());
+                    for r in &records {
+                        metrics.stored_records.get_or_create(&Metrics::lane(&r.lane)).inc();
+                    }
+                    for (pkid, hash) in &entries {
+                        inflight.insert(*pkid, *hash);
+                    }
+                    break;
+                }
+                Ok(Err(e)) => {
+                    // Not acked, so not lost: retry; the broker keeps the messages meanwhile.
+                    error!(error = %e, records = records.len(), retry_in_ms = wait.as_millis() as u64, "Store commit failed, retrying.");
+                }
+                Err(e) => error!(error = %e, "Store commit task failed, retrying."),
+            }
+            tokio::time::sleep(wait).await;
+            wait = (wait * 2).min(Duration::from_secs(5));
+        }
+    }
+    to_ack.extend(ack_only);
+    to_ack
+}

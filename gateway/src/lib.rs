@@ -1,0 +1,249 @@
+//! VOITHER Edge gateway agent.
+//!
+//! Takes device telemetry from MQTT, keeps it durably in a bounded local store
+//! ([`store`]), and syncs it to a hub over QUIC with mutual TLS ([`uplink`]),
+//! effectively once. [`run`] wires the parts together; `main.rs` only parses the
+//! command line and calls it.
+
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod admin;
+#[cfg(feature = "embedded-broker")]
+pub mod broker;
+pub mod config;
+pub mod ingest;
+pub mod metrics;
+pub mod store;
+pub mod tls;
+pub mod uplink;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{watch, Notify};
+use tracing::{info, warn};
+
+pub use config::Config;
+
+/// Milliseconds since the Unix epoch, from the wall clock.
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Last tick of one loop, for `/healthz`.
+#[derive(Debug, Default)]
+pub struct Tick(AtomicU64);
+
+impl Tick {
+    /// Records that the loop is alive now.
+    pub fn tick(&self) {
+        self.0.store(unix_ms(), Ordering::Relaxed);
+    }
+    fn age(&self) -> Duration {
+        Duration::from_millis(unix_ms().saturating_sub(self.0.load(Ordering::Relaxed)))
+    }
+}
+
+/// Liveness of the pipeline's loops.
+#[derive(Debug)]
+pub struct Heartbeat {
+    started: tokio::time::Instant,
+    /// The MQTT event loop.
+    pub ingest: Tick,
+    /// The store committer.
+    pub committer: Tick,
+    /// The uplink session loop.
+    pub uplink: Tick,
+}
+
+impl Default for Heartbeat {
+    fn default() -> Self {
+        let h = Self {
+            started: tokio::time::Instant::now(),
+            ingest: Tick::default(),
+            committer: Tick::default(),
+            uplink: Tick::default(),
+        };
+        h.ingest.tick();
+        h.committer.tick();
+        h.uplink.tick();
+        h
+    }
+}
+
+impl Heartbeat {
+    /// Time since start.
+    pub fn uptime(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    /// Names of loops that have not ticked within `limit`.
+    pub fn stale(&self, limit: Duration) -> Vec<&'static str> {
+        let mut v = Vec::new();
+        for (name, t) in [("ingest", &self.ingest), ("committer", &self.committer), ("uplink", &self.uplink)] {
+            if t.age() > limit {
+                v.push(name);
+            }
+        }
+        v
+    }
+}
+
+/// Errors that stop the agent at start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The data folder could not be created.
+    #[error("cannot create data folder {path} (key gateway.data_dir): {source}")]
+    DataDir {
+        /// The folder.
+        path: std::path::PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The store could not be opened.
+    #[error(transparent)]
+    Store(#[from] store::StoreError),
+    /// TLS material is missing or bad.
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    /// The admin endpoint could not listen.
+    #[error("admin endpoint cannot listen on {addr} (key admin.listen): {source}")]
+    Admin {
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The embedded broker could not start.
+    #[cfg(feature = "embedded-broker")]
+    #[error(transparent)]
+    Broker(#[from] broker::BrokerError),
+    /// The embedded broker was asked for but not built in.
+    #[error("broker.enabled is true but this build has no embedded broker (cargo feature `embedded-broker`)")]
+    NoBroker,
+}
+
+/// Runs the agent until `shutdown` resolves, then drains within `grace`.
+pub async fn run(
+    cfg: Config,
+    shutdown: impl std::future::Future<Output = ()>,
+    grace: Duration,
+) -> Result<(), StartError> {
+    let cfg = Arc::new(cfg);
+    let dir = &cfg.gateway.data_dir;
+    std::fs::create_dir_all(dir).map_err(|source| StartError::DataDir { path: dir.clone(), source })?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700));
+    }
+    let client = tls::client_config(
+        &cfg.uplink.ca,
+        &cfg.uplink.cert,
+        &cfg.uplink.key,
+        cfg.uplink.keep_alive(),
+        cfg.uplink.idle_timeout(),
+    )?;
+    let lanes: Vec<String> = cfg.lanes.iter().map(|l| l.name.clone()).collect();
+    let path = dir.join("store.redb");
+    let cache = cfg.store.cache_bytes;
+    let store = Arc::new(
+        tokio::task::spawn_blocking(move || store::Store::open(&path, cache, &lanes)).await.expect("open task")?,
+    );
+    let metrics = Arc::new(metrics::Metrics::new());
+    let heartbeat = Arc::new(Heartbeat::default());
+    let uplink_status = Arc::new(Mutex::new(uplink::UplinkStatus::default()));
+    let admin_state = Arc::new(admin::AdminState {
+        store: store.clone(),
+        metrics: metrics.clone(),
+        uplink: uplink_status.clone(),
+        heartbeat: heartbeat.clone(),
+        ready: AtomicBool::new(false),
+        lanes: cfg.lanes.iter().map(|l| (l.name.clone(), l.priority)).collect(),
+    });
+    let listener = tokio::net::TcpListener::bind(cfg.admin.listen)
+        .await
+        .map_err(|source| StartError::Admin { addr: cfg.admin.listen, source })?;
+    if !cfg.admin.listen.ip().is_loopback() {
+        warn!(listen = %cfg.admin.listen, "Admin endpoint is not on loopback; it is reachable from the network.");
+    }
+    if cfg.broker.enabled {
+        #[cfg(feature = "embedded-broker")]
+        {
+            broker::start(cfg.broker.listen, cfg.mqtt.max_payload_bytes, cfg.mqtt.batch_max_messages * 2).await?;
+            info!(listen = %cfg.broker.listen, "Embedded MQTT broker started.");
+        }
+        #[cfg(not(feature = "embedded-broker"))]
+        return Err(StartError::NoBroker);
+    }
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let appended = Arc::new(Notify::new());
+    let admin_task = {
+        let app = admin::router(admin_state.clone());
+        let mut rx = stop_rx.clone();
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app)
+                .with_graceful_shutdown(async move {
+                    let _ = rx.changed().await;
+                })
+                .await;
+        })
+    };
+    let ingest_task = tokio::spawn(ingest::run(
+        cfg.clone(),
+        store.clone(),
+        metrics.clone(),
+        appended.clone(),
+        heartbeat.clone(),
+        stop_rx.clone(),
+    ));
+    let up = uplink::Uplink {
+        cfg: cfg.clone(),
+        store: store.clone(),
+        metrics: metrics.clone(),
+        status: uplink_status,
+        appended,
+        heartbeat,
+        boot_id: rand::random(),
+    };
+    let uplink_task = tokio::spawn(up.run(client, stop_rx));
+    admin_state.ready.store(true, Ordering::Release);
+    let stats = store.stats()?;
+    info!(
+        admin = %cfg.admin.listen,
+        store = %store.path().display(),
+        backlog = stats.iter().map(|s| s.records).sum::<u64>(),
+        "Gateway running."
+    );
+    notify_systemd("READY=1");
+
+    shutdown.await;
+    info!("Shutting down.");
+    notify_systemd("STOPPING=1");
+    let _ = stop_tx.send(true);
+    let drained = tokio::time::timeout(grace, async {
+        let _ = ingest_task.await;
+        let _ = uplink_task.await;
+        let _ = admin_task.await;
+    })
+    .await;
+    if drained.is_err() {
+        warn!(grace_ms = grace.as_millis() as u64, "Grace period over, stopping anyway.");
+    }
+    Ok(())
+}
+
+/// Sends a state line to systemd when started with `Type=notify`.
+pub fn notify_systemd(state: &str) {
+    #[cfg(unix)]
+    if let Some(path) = std::env::var_os("NOTIFY_SOCKET") {
+        let sock = match std::os::unix::net::UnixDatagram::unbound() {
+            Ok(s) => s,
+            Err(_) => return,
+        };
+        let _ = sock.send_to(state.as_bytes(), path);
+    }
+}

@@ -1,0 +1,141 @@
+//! Prometheus metrics of the gateway, all in the `voither_gateway_` namespace.
+
+use std::sync::atomic::AtomicU64;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+/// Label set `{lane}`.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LaneLabel {
+    /// Lane name.
+    pub lane: String,
+}
+
+/// Label set `{lane, reason}`.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DropLabel {
+    /// Lane name (empty when no lane matched).
+    pub lane: String,
+    /// Why the record was dropped.
+    pub reason: String,
+}
+
+/// Every metric the gateway exports.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    /// Messages received from the broker, by lane.
+    pub ingested_records: Family<LaneLabel, Counter>,
+    /// Payload bytes received from the broker, by lane.
+    pub ingested_bytes: Family<LaneLabel, Counter>,
+    /// Records durably committed to the store, by lane.
+    pub stored_records: Family<LaneLabel, Counter>,
+    /// Records acknowledged by a hub and deleted locally, by lane.
+    pub synced_records: Family<LaneLabel, Counter>,
+    /// Payload bytes acknowledged by a hub, by lane.
+    pub synced_bytes: Family<LaneLabel, Counter>,
+    /// Records not stored, by lane and reason.
+    pub dropped_records: Family<DropLabel, Counter>,
+    /// MQTT redeliveries recognised as already stored.
+    pub redelivered_duplicates: Counter,
+    /// Records held and not yet acknowledged, by lane.
+    pub backlog_records: Family<LaneLabel, Gauge>,
+    /// Payload bytes held and not yet acknowledged, by lane.
+    pub backlog_bytes: Family<LaneLabel, Gauge>,
+    /// Age of the oldest record not yet acknowledged, by lane (the recovery point).
+    pub oldest_unsynced_age: Family<LaneLabel, Gauge<f64, AtomicU64>>,
+    /// 1 while a hub session is established.
+    pub uplink_connected: Gauge,
+    /// Connection attempts that failed or sessions that ended.
+    pub uplink_reconnects: Counter,
+    /// Bytes written to hub connections.
+    pub uplink_sent_bytes: Counter,
+    /// Time to make a batch durable.
+    pub store_commit_seconds: Histogram,
+    /// Size of the store file.
+    pub store_disk_bytes: Gauge,
+    /// MQTT connection errors.
+    pub mqtt_errors: Counter,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Creates and registers every metric.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("voither_gateway");
+        let m = Self {
+            ingested_records: Family::default(),
+            ingested_bytes: Family::default(),
+            stored_records: Family::default(),
+            synced_records: Family::default(),
+            synced_bytes: Family::default(),
+            dropped_records: Family::default(),
+            redelivered_duplicates: Counter::default(),
+            backlog_records: Family::default(),
+            backlog_bytes: Family::default(),
+            oldest_unsynced_age: Family::default(),
+            uplink_connected: Gauge::default(),
+            uplink_reconnects: Counter::default(),
+            uplink_sent_bytes: Counter::default(),
+            store_commit_seconds: Histogram::new(exponential_buckets(0.000_25, 2.0, 14)),
+            store_disk_bytes: Gauge::default(),
+            mqtt_errors: Counter::default(),
+            registry: Registry::default(),
+        };
+        registry.register("ingested_records", "Messages received from the broker", m.ingested_records.clone());
+        registry.register("ingested_bytes", "Payload bytes received from the broker", m.ingested_bytes.clone());
+        registry.register("stored_records", "Records durably committed to the local store", m.stored_records.clone());
+        registry.register("synced_records", "Records acknowledged by a hub", m.synced_records.clone());
+        registry.register("synced_bytes", "Payload bytes acknowledged by a hub", m.synced_bytes.clone());
+        registry.register("dropped_records", "Records not stored, by reason", m.dropped_records.clone());
+        registry.register(
+            "mqtt_redelivered_duplicates",
+            "Broker redeliveries recognised as already stored and not stored again",
+            m.redelivered_duplicates.clone(),
+        );
+        registry.register("backlog_records", "Records held, not yet acknowledged by a hub", m.backlog_records.clone());
+        registry.register(
+            "backlog_bytes",
+            "Payload bytes held, not yet acknowledged by a hub",
+            m.backlog_bytes.clone(),
+        );
+        registry.register(
+            "oldest_unsynced_age_seconds",
+            "Age of the oldest record not yet acknowledged by a hub",
+            m.oldest_unsynced_age.clone(),
+        );
+        registry.register("uplink_connected", "1 while a hub session is established", m.uplink_connected.clone());
+        registry.register("uplink_reconnects", "Hub connections that failed or ended", m.uplink_reconnects.clone());
+        registry.register("uplink_sent_bytes", "Bytes written to hub connections", m.uplink_sent_bytes.clone());
+        registry.register(
+            "store_commit_seconds",
+            "Time to make one batch durable in the store",
+            m.store_commit_seconds.clone(),
+        );
+        registry.register("store_disk_bytes", "Size of the store file", m.store_disk_bytes.clone());
+        registry.register("mqtt_errors", "MQTT connection errors", m.mqtt_errors.clone());
+        Self { registry, ..m }
+    }
+
+    /// Prometheus text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("writing to a String");
+        out
+    }
+
+    /// Label helper.
+    pub fn lane(lane: &str) -> LaneLabel {
+        LaneLabel { lane: lane.to_owned() }
+    }
+}

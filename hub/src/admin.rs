@@ -1,0 +1,63 @@
+//! The hub's admin HTTP endpoint: `/healthz`, `/metrics`, `/fleet`, `/export`.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::{Query, State};
+use axum::http::header;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+
+use crate::server::Hub;
+
+/// The router.
+pub fn router(hub: Arc<Hub>) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/metrics", get(metrics))
+        .route("/fleet", get(fleet))
+        .route("/export", get(export))
+        .with_state(hub)
+}
+
+async fn metrics(State(h): State<Arc<Hub>>) -> Response {
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], h.metrics.encode()).into_response()
+}
+
+async fn fleet(State(h): State<Arc<Hub>>) -> Response {
+    let mut v: Vec<_> = h.fleet.lock().expect("fleet lock").values().cloned().collect();
+    v.sort_by(|a, b| a.gateway.cmp(&b.gateway));
+    Json(v).into_response()
+}
+
+/// Filters of `/export`.
+#[derive(Debug, serde::Deserialize)]
+pub struct ExportQuery {
+    gateway: Option<String>,
+    lane: Option<String>,
+}
+
+async fn export(State(h): State<Arc<Hub>>, Query(q): Query<ExportQuery>) -> Response {
+    let (tx, rx) = tokio::sync::mpsc::channel::<Vec<u8>>(8);
+    let sink = h.sink.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut chunk = Vec::with_capacity(64 * 1024);
+        let res = sink.export(q.gateway.as_deref(), q.lane.as_deref(), |row| {
+            serde_json::to_writer(&mut chunk, &row).expect("serialising to a Vec");
+            chunk.push(b'\n');
+            if chunk.len() >= 60 * 1024 {
+                return tx.blocking_send(std::mem::replace(&mut chunk, Vec::with_capacity(64 * 1024))).is_ok();
+            }
+            true
+        });
+        if let Err(e) = res {
+            chunk.extend_from_slice(format!("{{\"kind\":\"error\",\"message\":{:?}}}\n", e.to_string()).as_bytes());
+        }
+        let _ = tx.blocking_send(chunk);
+    });
+    let stream =
+        futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|b| (Ok::<_, Infallible>(b), rx)) });
+    ([(header::CONTENT_TYPE, "application/x-ndjson")], Body::from_stream(stream)).into_response()
+}

@@ -1,0 +1,252 @@
+//! Hub configuration: TOML, typed, with defaults and checks that name the key and file.
+//!
+//! ```toml
+//! [hub]
+//! id = "hub-eu-1"
+//! region = "eu-central"
+//! listen = "0.0.0.0:7700"
+//! data_dir = "/var/lib/voither-hub"
+//! endpoints = ["hub-eu.example.net:7700", "hub-us.example.net:7700"]
+//!
+//! [tls]
+//! ca = "pki/ca.pem"          # gateways' client certificates must chain to this
+//! cert = "pki/hub.pem"
+//! key = "pki/hub.key"
+//!
+//! [admin]
+//! listen = "127.0.0.1:9200"
+//! ```
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// A configuration that could not be loaded; the message names the file and the key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML, or a key is unknown or of the wrong type.
+    #[error("invalid config file {path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The parser's message, naming the key.
+        message: String,
+    },
+    /// A value is out of range.
+    #[error("invalid config file {path}: key `{key}`: {message}")]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// The dotted key.
+        key: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// The whole hub configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Identity, listen address, state.
+    #[serde(default)]
+    pub hub: HubSection,
+    /// TLS material.
+    pub tls: TlsSection,
+    /// Admin endpoint.
+    #[serde(default)]
+    pub admin: AdminSection,
+    /// Sink.
+    #[serde(default)]
+    pub sink: SinkSection,
+    /// Logging.
+    #[serde(default)]
+    pub log: LogSection,
+}
+
+/// `[hub]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HubSection {
+    /// Id of this hub instance, reported to gateways.
+    #[serde(default = "default_id")]
+    pub id: String,
+    /// Region served.
+    #[serde(default = "default_region")]
+    pub region: String,
+    /// QUIC listen address.
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// State folder (embedded sink).
+    #[serde(default = "default_data_dir")]
+    pub data_dir: PathBuf,
+    /// Endpoint list of the failover plane handed to gateways (empty: none).
+    #[serde(default)]
+    pub endpoints: Vec<String>,
+    /// Most gateway connections at once.
+    #[serde(default = "default_max_conns")]
+    pub max_connections: u32,
+    /// Idle timeout of a gateway connection, milliseconds.
+    #[serde(default = "default_idle")]
+    pub idle_timeout_ms: u64,
+}
+
+impl Default for HubSection {
+    fn default() -> Self {
+        Self {
+            id: default_id(),
+            region: default_region(),
+            listen: default_listen(),
+            data_dir: default_data_dir(),
+            endpoints: Vec::new(),
+            max_connections: default_max_conns(),
+            idle_timeout_ms: default_idle(),
+        }
+    }
+}
+
+fn default_id() -> String {
+    "voither-hub".into()
+}
+fn default_region() -> String {
+    "default".into()
+}
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], 7700))
+}
+fn default_data_dir() -> PathBuf {
+    PathBuf::from("/var/lib/voither-hub")
+}
+const fn default_max_conns() -> u32 {
+    20_000
+}
+const fn default_idle() -> u64 {
+    10_000
+}
+
+/// `[tls]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSection {
+    /// CA bundle (PEM) that gateway certificates must chain to.
+    pub ca: PathBuf,
+    /// The hub's certificate chain (PEM).
+    pub cert: PathBuf,
+    /// The hub's private key (PEM).
+    pub key: PathBuf,
+}
+
+/// `[admin]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminSection {
+    /// Listen address of `/metrics`, `/healthz`, `/fleet`, `/export`.
+    #[serde(default = "default_admin")]
+    pub listen: SocketAddr,
+}
+
+impl Default for AdminSection {
+    fn default() -> Self {
+        Self { listen: default_admin() }
+    }
+}
+
+fn default_admin() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 9200))
+}
+
+/// `[sink]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SinkSection {
+    /// `embedded` (the default).
+    #[serde(default = "default_kind")]
+    pub kind: String,
+    /// Page cache of the embedded sink, bytes.
+    #[serde(default = "default_cache")]
+    pub cache_bytes: usize,
+}
+
+impl Default for SinkSection {
+    fn default() -> Self {
+        Self { kind: default_kind(), cache_bytes: default_cache() }
+    }
+}
+
+fn default_kind() -> String {
+    "embedded".into()
+}
+const fn default_cache() -> usize {
+    64 * 1024 * 1024
+}
+
+/// `[log]`
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogSection {
+    /// JSON lines instead of text.
+    #[serde(default)]
+    pub json: bool,
+}
+
+impl Config {
+    /// Reads and checks `path`; relative paths are taken from the file's folder.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
+        let mut cfg = Self::parse(&text, path)?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        for p in [&mut cfg.hub.data_dir, &mut cfg.tls.ca, &mut cfg.tls.cert, &mut cfg.tls.key] {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        }
+        Ok(cfg)
+    }
+
+    /// Parses and checks TOML text; `path` only names the source in errors.
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let cfg: Config =
+            toml::from_str(text).map_err(|e| ConfigError::Parse { path: path.into(), message: e.to_string() })?;
+        let bad = |key: &str, message: String| ConfigError::Invalid { path: path.into(), key: key.into(), message };
+        if cfg.sink.kind != "embedded" {
+            return Err(bad("sink.kind", format!("{:?} is not a sink this hub has (embedded)", cfg.sink.kind)));
+        }
+        if cfg.hub.id.is_empty() {
+            return Err(bad("hub.id", "must not be empty".into()));
+        }
+        if cfg.hub.max_connections == 0 {
+            return Err(bad("hub.max_connections", "must be at least 1".into()));
+        }
+        if cfg.hub.idle_timeout_ms < 500 {
+            return Err(bad("hub.idle_timeout_ms", "must be at least 500".into()));
+        }
+        Ok(cfg)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_name_file_and_key() {
+        let base = "[tls]\nca = \"a\"\ncert = \"b\"\nkey = \"c\"\n";
+        assert!(Config::parse(base, Path::new("h.toml")).is_ok());
+        let e = Config::parse(&format!("{base}[sink]\nkind = \"s3\"\n"), Path::new("h.toml")).unwrap_err().to_string();
+        assert!(e.contains("sink.kind") && e.contains("h.toml"), "{e}");
+        let e =
+            Config::parse(&format!("{base}[hub]\nlisten = \"nope\"\n"), Path::new("h.toml")).unwrap_err().to_string();
+        assert!(e.contains("listen"), "{e}");
+        let e = Config::parse("[hub]\nid = \"x\"\n", Path::new("h.toml")).unwrap_err().to_string();
+        assert!(e.contains("tls"), "{e}");
+    }
+}

@@ -1,0 +1,126 @@
+//! VOITHER Edge hub: the central sync endpoint.
+//!
+//! Accepts gateways over QUIC with mutual TLS ([`server`]), takes each gateway's id
+//! from its verified certificate, stores what it sends in a sink ([`sink`]) exactly
+//! once, and acks only after the sink committed. [`run`] wires it together.
+
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod admin;
+pub mod config;
+pub mod metrics;
+pub mod pki;
+pub mod server;
+pub mod sink;
+pub mod tls;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tracing::{info, warn};
+use voither_proto::HubInfo;
+
+pub use config::Config;
+
+/// Errors that stop the hub at start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The data folder could not be created.
+    #[error("cannot create data folder {path} (key hub.data_dir): {source}")]
+    DataDir {
+        /// The folder.
+        path: std::path::PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The sink could not be opened.
+    #[error(transparent)]
+    Sink(#[from] sink::SinkError),
+    /// TLS material is missing or bad.
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    /// A socket could not be bound.
+    #[error("cannot listen on {addr} (key {key}): {source}")]
+    Bind {
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// The config key.
+        key: &'static str,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// Runs the hub until `shutdown` resolves.
+pub async fn run(cfg: Config, shutdown: impl std::future::Future<Output = ()>) -> Result<(), StartError> {
+    let dir = &cfg.hub.data_dir;
+    std::fs::create_dir_all(dir).map_err(|source| StartError::DataDir { path: dir.clone(), source })?;
+    let server_cfg =
+        tls::server_config(&cfg.tls.ca, &cfg.tls.cert, &cfg.tls.key, Duration::from_millis(cfg.hub.idle_timeout_ms))?;
+    let path = dir.join("sink.redb");
+    let cache = cfg.sink.cache_bytes;
+    let sink = Arc::new(tokio::task::spawn_blocking(move || sink::Sink::open(&path, cache)).await.expect("open task")?);
+    let hub = Arc::new(server::Hub {
+        sink,
+        info: HubInfo {
+            hub_id: cfg.hub.id.clone(),
+            region: cfg.hub.region.clone(),
+            endpoints: cfg.hub.endpoints.clone(),
+        },
+        metrics: Arc::new(metrics::Metrics::new()),
+        fleet: Mutex::new(HashMap::new()),
+    });
+    let listener = tokio::net::TcpListener::bind(cfg.admin.listen).await.map_err(|source| StartError::Bind {
+        addr: cfg.admin.listen,
+        key: "admin.listen",
+        source,
+    })?;
+    if !cfg.admin.listen.ip().is_loopback() {
+        warn!(listen = %cfg.admin.listen, "Admin endpoint is not on loopback; /export serves stored records to anyone who reaches it.");
+    }
+    let mut server_cfg = server_cfg;
+    server_cfg.max_incoming(cfg.hub.max_connections as usize);
+    let endpoint = quinn::Endpoint::server(server_cfg, cfg.hub.listen).map_err(|source| StartError::Bind {
+        addr: cfg.hub.listen,
+        key: "hub.listen",
+        source,
+    })?;
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let admin = {
+        let mut rx = stop_rx.clone();
+        let app = admin::router(hub.clone());
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app)
+                .with_graceful_shutdown(async move {
+                    let _ = rx.changed().await;
+                })
+                .await;
+        })
+    };
+    let server = tokio::spawn(server::serve(hub.clone(), endpoint.clone(), stop_rx));
+    info!(listen = %cfg.hub.listen, admin = %cfg.admin.listen, hub = %cfg.hub.id, region = %cfg.hub.region, "Hub running.");
+    notify_systemd("READY=1");
+    shutdown.await;
+    info!("Shutting down.");
+    let _ = stop_tx.send(true);
+    let _ = tokio::time::timeout(Duration::from_secs(5), async {
+        let _ = server.await;
+        let _ = admin.await;
+        endpoint.wait_idle().await;
+    })
+    .await;
+    Ok(())
+}
+
+/// Sends a state line to systemd when started with `Type=notify`.
+pub fn notify_systemd(state: &str) {
+    #[cfg(unix)]
+    if let Some(path) = std::env::var_os("NOTIFY_SOCKET") {
+        if let Ok(sock) = std::os::unix::net::UnixDatagram::unbound() {
+            let _ = sock.send_to(state.as_bytes(), path);
+        }
+    }
+}

@@ -1,0 +1,236 @@
+//! `voither-hub`: the central sync endpoint.
+
+use std::io::{BufRead, Read, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use voither_hub::config::Config;
+
+/// VOITHER Edge hub: receives gateway sync over QUIC and stores it exactly once.
+#[derive(Debug, Parser)]
+#[command(version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the hub until SIGTERM or SIGINT.
+    Run {
+        /// Configuration file (TOML).
+        #[arg(short, long, env = "VOITHER_HUB_CONFIG")]
+        config: PathBuf,
+    },
+    /// Print stored records and gaps as JSON lines (payload in base64).
+    ///
+    /// Reads the sink file directly when the hub is stopped, and asks the running hub's
+    /// admin endpoint otherwise.
+    Export {
+        /// Configuration file (TOML).
+        #[arg(short, long, env = "VOITHER_HUB_CONFIG")]
+        config: PathBuf,
+        /// Only this gateway.
+        #[arg(long)]
+        gateway: Option<String>,
+        /// Only this lane.
+        #[arg(long)]
+        lane: Option<String>,
+    },
+    /// Create a CA, a hub certificate and gateway certificates for trying things out.
+    Pki {
+        /// Folder to write into (created if missing).
+        #[arg(long, default_value = "pki")]
+        out: PathBuf,
+        /// Gateway ids to issue certificates for.
+        #[arg(long, value_delimiter = ',', default_value = "gateway-1")]
+        gateways: Vec<String>,
+        /// DNS names of the hub certificate (127.0.0.1 and ::1 are always added).
+        #[arg(long, value_delimiter = ',', default_value = "voither-hub,localhost")]
+        hub_names: Vec<String>,
+        /// Common name of the CA.
+        #[arg(long, default_value = "VOITHER Edge lab CA")]
+        ca_name: String,
+        /// Validity, days.
+        #[arg(long, default_value_t = 365)]
+        days: u32,
+    },
+    /// Check a configuration file and exit (0 if valid, 64 if not).
+    CheckConfig {
+        /// Configuration file (TOML).
+        #[arg(short, long, env = "VOITHER_HUB_CONFIG")]
+        config: PathBuf,
+    },
+}
+
+fn load(path: &std::path::Path) -> Result<Config, ExitCode> {
+    Config::load(path).map_err(|e| {
+        eprintln!("voither-hub: {e}");
+        ExitCode::from(64)
+    })
+}
+
+fn report(e: &dyn std::error::Error) -> ExitCode {
+    let mut msg = format!("voither-hub: {e}");
+    let mut src = e.source();
+    while let Some(s) = src {
+        msg.push_str(&format!(": {s}"));
+        src = s.source();
+    }
+    eprintln!("{msg}");
+    ExitCode::from(1)
+}
+
+fn main() -> ExitCode {
+    match Cli::parse().command {
+        Command::Run { config } => {
+            let cfg = match load(&config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            init_tracing(cfg.log.json);
+            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+            match rt.block_on(voither_hub::run(cfg, shutdown_signal())) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => report(&e),
+            }
+        }
+        Command::CheckConfig { config } => match load(&config) {
+            Ok(_) => {
+                println!("{}: ok", config.display());
+                ExitCode::SUCCESS
+            }
+            Err(code) => code,
+        },
+        Command::Pki { out, gateways, hub_names, ca_name, days } => {
+            match voither_hub::pki::generate(&out, &ca_name, &hub_names, &gateways, days) {
+                Ok(w) => {
+                    for f in w.files {
+                        println!("{}", f.display());
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => report(&e),
+            }
+        }
+        Command::Export { config, gateway, lane } => {
+            let cfg = match load(&config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            export(&cfg, gateway, lane)
+        }
+    }
+}
+
+fn export(cfg: &Config, gateway: Option<String>, lane: Option<String>) -> ExitCode {
+    let path = cfg.hub.data_dir.join("sink.redb");
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    match voither_hub::sink::Sink::open(&path, 16 * 1024 * 1024) {
+        Ok(sink) => {
+            let mut ok = true;
+            let res = sink.export(gateway.as_deref(), lane.as_deref(), |row| {
+                ok = serde_json::to_writer(&mut out, &row).is_ok() && out.write_all(b"\n").is_ok();
+                ok
+            });
+            let _ = out.flush();
+            match res {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => report(&e),
+            }
+        }
+        Err(voither_hub::sink::SinkError::Open { source, .. })
+            if matches!(*source, redb::DatabaseError::DatabaseAlreadyOpen) =>
+        {
+            // The hub holds the file: ask it.
+            match export_http(cfg, gateway, lane, &mut out) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!(
+                        "voither-hub: the sink is in use by a running hub and its admin endpoint {} failed: {e}",
+                        cfg.admin.listen
+                    );
+                    ExitCode::from(1)
+                }
+            }
+        }
+        Err(e) => report(&e),
+    }
+}
+
+/// A minimal HTTP/1.0 GET of the running hub's `/export` (loopback admin endpoint).
+fn export_http(
+    cfg: &Config,
+    gateway: Option<String>,
+    lane: Option<String>,
+    out: &mut impl Write,
+) -> std::io::Result<()> {
+    let mut addr = cfg.admin.listen;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+    }
+    let mut q = Vec::new();
+    if let Some(g) = gateway {
+        q.push(format!("gateway={}", urlencode(&g)));
+    }
+    if let Some(l) = lane {
+        q.push(format!("lane={}", urlencode(&l)));
+    }
+    let mut s = std::net::TcpStream::connect(addr)?;
+    write!(s, "GET /export?{} HTTP/1.0\r\nHost: {addr}\r\n\r\n", q.join("&"))?;
+    let mut r = std::io::BufReader::new(s);
+    let mut line = String::new();
+    r.read_line(&mut line)?;
+    if !line.contains(" 200 ") {
+        return Err(std::io::Error::other(format!("unexpected answer {line:?}")));
+    }
+    loop {
+        line.clear();
+        if r.read_line(&mut line)? == 0 || line == "\r\n" {
+            break;
+        }
+    }
+    let mut buf = [0u8; 64 * 1024];
+    loop {
+        let n = r.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        out.write_all(&buf[..n])?;
+    }
+    out.flush()
+}
+
+fn urlencode(s: &str) -> String {
+    s.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
+fn init_tracing(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,quinn=warn"));
+    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if json {
+        b.json().init();
+    } else {
+        b.init();
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}

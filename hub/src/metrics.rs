@@ -1,0 +1,68 @@
+//! Prometheus metrics of the hub, in the `voither_hub_` namespace.
+
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+/// Every metric the hub exports.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    /// Gateway connections accepted.
+    pub connections: Counter,
+    /// Gateways connected now.
+    pub connected: Gauge,
+    /// Handshakes refused (no or unknown certificate, bad ALPN…).
+    pub refused_handshakes: Counter,
+    /// Records committed to the sink.
+    pub stored_records: Counter,
+    /// Payload bytes committed to the sink.
+    pub stored_bytes: Counter,
+    /// Records received again at or below the mark and ignored.
+    pub duplicate_records: Counter,
+    /// Sink commit time.
+    pub commit_seconds: Histogram,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Creates and registers every metric.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("voither_hub");
+        let m = Self {
+            registry: Registry::default(),
+            connections: Counter::default(),
+            connected: Gauge::default(),
+            refused_handshakes: Counter::default(),
+            stored_records: Counter::default(),
+            stored_bytes: Counter::default(),
+            duplicate_records: Counter::default(),
+            commit_seconds: Histogram::new(exponential_buckets(0.000_25, 2.0, 14)),
+        };
+        registry.register("connections", "Gateway connections accepted", m.connections.clone());
+        registry.register("connected_gateways", "Gateways connected now", m.connected.clone());
+        registry.register("refused_handshakes", "Handshakes refused", m.refused_handshakes.clone());
+        registry.register("stored_records", "Records committed to the sink", m.stored_records.clone());
+        registry.register("stored_bytes", "Payload bytes committed to the sink", m.stored_bytes.clone());
+        registry.register(
+            "duplicate_records",
+            "Records received at or below the high-water mark and ignored",
+            m.duplicate_records.clone(),
+        );
+        registry.register("sink_commit_seconds", "Sink commit time", m.commit_seconds.clone());
+        Self { registry, ..m }
+    }
+
+    /// Prometheus text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("writing to a String");
+        out
+    }
+}

@@ -1,0 +1,264 @@
+//! The QUIC server: accepts gateways, takes their id from the verified certificate,
+//! and drives one [`HubSession`] per connection against the sink.
+//!
+//! Store requests that arrive together are committed together (one durable sink
+//! transaction for all batches read so far), and acked only after that commit.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tracing::{debug, info, warn};
+use voither_proto::{
+    encode_frame, error_code, ErrorFrame, Frame, FrameDecoder, HubEvent, HubInfo, HubSession, MAX_FRAME_LEN,
+};
+
+use crate::metrics::Metrics;
+use crate::sink::Sink;
+
+/// What the fleet view knows of one gateway.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct FleetEntry {
+    /// Gateway id (from its certificate).
+    pub gateway: String,
+    /// `connected` or `disconnected`.
+    pub state: String,
+    /// Last frame received, ms since the epoch.
+    pub last_seen_ms: u64,
+    /// Remote address of the current or last connection.
+    pub remote: String,
+    /// Agent version from `Hello`.
+    pub agent_version: String,
+    /// Region of this hub.
+    pub region: String,
+    /// Records the gateway still holds, from its last status.
+    pub backlog_records: u64,
+    /// Bytes the gateway still holds, from its last status.
+    pub backlog_bytes: u64,
+    /// Records stored at this hub from this gateway since the hub started.
+    pub stored_records: u64,
+}
+
+/// Shared hub state.
+#[derive(Debug)]
+pub struct Hub {
+    /// The sink.
+    pub sink: Arc<Sink>,
+    /// Identity and failover list.
+    pub info: HubInfo,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// Fleet view.
+    pub fleet: Mutex<HashMap<String, FleetEntry>>,
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+#[derive(Debug, thiserror::Error)]
+enum ConnError {
+    #[error("connection: {0}")]
+    Connection(#[from] quinn::ConnectionError),
+    #[error("write: {0}")]
+    Write(#[from] quinn::WriteError),
+    #[error("read: {0}")]
+    Read(#[from] quinn::ReadError),
+    #[error("frame: {0}")]
+    Decode(#[from] voither_proto::DecodeError),
+    #[error("protocol: {0}")]
+    Proto(#[from] voither_proto::ProtoError),
+    #[error("sink: {0}")]
+    Sink(#[from] crate::sink::SinkError),
+    #[error("gateway closed the stream")]
+    Closed,
+    #[error("shutting down")]
+    Shutdown,
+}
+
+impl ConnError {
+    fn code(&self) -> u32 {
+        match self {
+            ConnError::Decode(_) => error_code::FRAME,
+            ConnError::Proto(p) => p.code(),
+            ConnError::Sink(_) => error_code::INTERNAL,
+            _ => error_code::NONE,
+        }
+    }
+}
+
+/// Accepts connections until `shutdown` turns true.
+pub async fn serve(hub: Arc<Hub>, endpoint: quinn::Endpoint, shutdown: watch::Receiver<bool>) {
+    let mut stop = shutdown.clone();
+    loop {
+        let incoming = tokio::select! {
+            _ = stop.changed() => break,
+            i = endpoint.accept() => match i { Some(i) => i, None => break },
+        };
+        let hub = hub.clone();
+        let sd = shutdown.clone();
+        tokio::spawn(async move {
+            let remote = incoming.remote_address();
+            let conn = match incoming.await {
+                Ok(c) => c,
+                Err(e) => {
+                    hub.metrics.refused_handshakes.inc();
+                    warn!(%remote, error = %e, "Handshake refused.");
+                    return;
+                }
+            };
+            handle(hub, conn, remote, sd).await;
+        });
+    }
+    endpoint.close(0u32.into(), b"hub shutting down");
+}
+
+fn peer_id(conn: &quinn::Connection) -> Option<String> {
+    let any = conn.peer_identity()?;
+    let certs = any.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>().ok()?;
+    crate::tls::gateway_id(certs.first()?)
+}
+
+async fn handle(hub: Arc<Hub>, conn: quinn::Connection, remote: SocketAddr, shutdown: watch::Receiver<bool>) {
+    let Some(gw) = peer_id(&conn) else {
+        warn!(%remote, "Client certificate names no gateway, refused.");
+        conn.close(error_code::FORBIDDEN.into(), b"no gateway id in certificate");
+        return;
+    };
+    hub.metrics.connections.inc();
+    hub.metrics.connected.inc();
+    {
+        let mut f = hub.fleet.lock().expect("fleet lock");
+        let e = f.entry(gw.clone()).or_default();
+        e.gateway = gw.clone();
+        e.state = "connected".into();
+        e.remote = remote.to_string();
+        e.last_seen_ms = unix_ms();
+        e.region = hub.info.region.clone();
+    }
+    info!(gateway = %gw, %remote, "Gateway connected.");
+    let res = session(&hub, &conn, &gw, shutdown).await;
+    hub.metrics.connected.dec();
+    if let Some(e) = hub.fleet.lock().expect("fleet lock").get_mut(&gw) {
+        e.state = "disconnected".into();
+    }
+    match res {
+        Ok(()) | Err(ConnError::Closed) => info!(gateway = %gw, "Gateway disconnected."),
+        Err(ConnError::Shutdown) => {
+            conn.close(0u32.into(), b"hub shutting down");
+        }
+        Err(ConnError::Connection(e)) => info!(gateway = %gw, reason = %e, "Gateway connection ended."),
+        Err(e) => {
+            warn!(gateway = %gw, error = %e, "Gateway session failed, closing.");
+            conn.close(e.code().into(), e.to_string().as_bytes());
+        }
+    }
+}
+
+async fn session(
+    hub: &Hub,
+    conn: &quinn::Connection,
+    gw: &str,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), ConnError> {
+    let (mut send, mut recv) = tokio::select! {
+        _ = shutdown.changed() => return Err(ConnError::Shutdown),
+        s = conn.accept_bi() => s?,
+    };
+    let mut sess = HubSession::new(gw, hub.info.clone());
+    let mut dec = FrameDecoder::new(MAX_FRAME_LEN);
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut out = Vec::new();
+    loop {
+        let n = tokio::select! {
+            _ = shutdown.changed() => return Err(ConnError::Shutdown),
+            r = recv.read(&mut buf) => r?,
+        };
+        let Some(n) = n else {
+            dec.finish()?;
+            return Err(ConnError::Closed);
+        };
+        dec.push(&buf[..n]);
+        let mut frames = Vec::new();
+        let decoded = loop {
+            match dec.next_frame() {
+                Ok(Some(f)) => frames.push(f),
+                Ok(None) => break Ok(()),
+                Err(e) => break Err(e),
+            }
+        };
+        let mut failure: Option<ConnError> = decoded.err().map(ConnError::from);
+        for f in frames {
+            if let Err(e) = sess.handle_frame(f) {
+                failure = Some(e.into());
+                break;
+            }
+        }
+        // Events: Hello → marks; Store → one commit for everything pending.
+        let mut pending = Vec::new();
+        while let Some(ev) = sess.poll_event() {
+            match ev {
+                HubEvent::Hello(h) => {
+                    let lanes: Vec<String> = h.lanes.iter().map(|l| l.lane.clone()).collect();
+                    let sink = hub.sink.clone();
+                    let g = gw.to_owned();
+                    let marks =
+                        tokio::task::spawn_blocking(move || sink.marks(&g, &lanes)).await.expect("marks task")?;
+                    if let Some(e) = hub.fleet.lock().expect("fleet lock").get_mut(gw) {
+                        e.agent_version = h.agent_version.clone();
+                    }
+                    debug!(gateway = %gw, ?marks, "Hello.");
+                    sess.accept(&marks, 0);
+                }
+                HubEvent::Store(req) => pending.push(req),
+                HubEvent::Status(s) => {
+                    if let Some(e) = hub.fleet.lock().expect("fleet lock").get_mut(gw) {
+                        e.backlog_records = s.lanes.iter().map(|l| l.backlog_records).sum();
+                        e.backlog_bytes = s.lanes.iter().map(|l| l.backlog_bytes).sum();
+                    }
+                }
+            }
+        }
+        if !pending.is_empty() {
+            let sink = hub.sink.clone();
+            let g = gw.to_owned();
+            let started = tokio::time::Instant::now();
+            let (reqs, stats) = tokio::task::spawn_blocking(move || {
+                let r = sink.commit(&g, &pending);
+                (pending, r)
+            })
+            .await
+            .expect("commit task");
+            let stats = stats?;
+            hub.metrics.commit_seconds.observe(started.elapsed().as_secs_f64());
+            hub.metrics.stored_records.inc_by(stats.records);
+            hub.metrics.stored_bytes.inc_by(stats.bytes);
+            hub.metrics.duplicate_records.inc_by(stats.duplicates);
+            if let Some(e) = hub.fleet.lock().expect("fleet lock").get_mut(gw) {
+                e.stored_records += stats.records;
+                e.last_seen_ms = unix_ms();
+            }
+            for r in reqs {
+                sess.stored(&r.lane, r.through_seq);
+            }
+        }
+        out.clear();
+        while let Some(f) = sess.poll_transmit() {
+            encode_frame(&f, &mut out, MAX_FRAME_LEN).expect("hub frames are small");
+        }
+        if let Some(e) = failure {
+            let frame = Frame::Error(ErrorFrame { code: e.code(), reason: e.to_string() });
+            let _ = encode_frame(&frame, &mut out, MAX_FRAME_LEN);
+            let _ = send.write_all(&out).await;
+            let _ = send.finish();
+            // Give the error frame a moment to leave before the connection closes.
+            let _ = tokio::time::timeout(Duration::from_millis(200), send.stopped()).await;
+            return Err(e);
+        }
+        if !out.is_empty() {
+            send.write_all(&out).await?;
+        }
+    }
+}

@@ -1,0 +1,327 @@
+//! The embedded sink: what gateways sent, on the hub's local disk.
+//!
+//! # On-disk layout
+//!
+//! One redb file, `sink.redb`, in the hub's data folder:
+//!
+//! | table | key | value |
+//! |---|---|---|
+//! | `records` | `(gateway, lane, seq)` | the record in CBOR |
+//! | `gaps` | `(gateway, lane, from_seq)` | `(through_seq, reason)` |
+//! | `marks` | `(gateway, lane)` | high-water mark |
+//!
+//! # Invariants
+//!
+//! 1. A commit writes records, gaps and the new mark of one or more lanes in one
+//!    transaction, durable (fsync) before [`Sink::commit`] returns; the hub acks only
+//!    after that.
+//! 2. Nothing at or below a lane's mark is written again: the sink filters by its own
+//!    durable mark, so two sessions of one gateway (a reconnect racing an old
+//!    connection) cannot store a record twice.
+//! 3. Marks only grow.
+
+use std::path::{Path, PathBuf};
+
+use base64::Engine;
+use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
+use voither_proto::{GapReason, Record, StoreRequest};
+
+const RECORDS: TableDefinition<'_, (&str, &str, u64), &[u8]> = TableDefinition::new("records");
+const GAPS: TableDefinition<'_, (&str, &str, u64), (u64, u8)> = TableDefinition::new("gaps");
+const MARKS: TableDefinition<'_, (&str, &str), u64> = TableDefinition::new("marks");
+
+/// Errors of the sink.
+#[derive(Debug, thiserror::Error)]
+pub enum SinkError {
+    /// The sink file could not be opened.
+    #[error("cannot open sink {path}: {source}")]
+    Open {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: Box<redb::DatabaseError>,
+    },
+    /// A transaction failed.
+    #[error("sink transaction failed: {0}")]
+    Io(String),
+    /// A stored row could not be decoded.
+    #[error("corrupt record {gateway}/{lane}/{seq}: {message}")]
+    Corrupt {
+        /// Gateway.
+        gateway: String,
+        /// Lane.
+        lane: String,
+        /// Seq.
+        seq: u64,
+        /// Decoder message.
+        message: String,
+    },
+}
+
+macro_rules! io_err {
+    ($($t:ty),*) => {$(
+        impl From<$t> for SinkError {
+            fn from(e: $t) -> Self {
+                SinkError::Io(e.to_string())
+            }
+        }
+    )*};
+}
+io_err!(redb::TransactionError, redb::TableError, redb::StorageError, redb::CommitError, redb::SetDurabilityError);
+
+/// What one commit did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CommitStats {
+    /// Records written.
+    pub records: u64,
+    /// Payload bytes written.
+    pub bytes: u64,
+    /// Records skipped because they were at or below the mark already.
+    pub duplicates: u64,
+}
+
+/// One exported row.
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum ExportRow {
+    /// A stored record.
+    Record {
+        /// Gateway id (from its certificate).
+        gateway: String,
+        /// Lane.
+        lane: String,
+        /// Per-lane seq.
+        seq: u64,
+        /// Ingest time at the gateway, ms since the epoch.
+        ingest_ts_ms: u64,
+        /// MQTT topic or sensor id.
+        source: String,
+        /// Content type, if given.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        content_type: Option<String>,
+        /// Payload, base64.
+        payload: String,
+    },
+    /// A range of records evicted on the gateway before they could be sent.
+    Gap {
+        /// Gateway id.
+        gateway: String,
+        /// Lane.
+        lane: String,
+        /// First evicted seq.
+        from_seq: u64,
+        /// Last evicted seq.
+        through_seq: u64,
+        /// `capacity` or `ttl`.
+        reason: String,
+    },
+}
+
+/// The embedded sink. Calls block on disk I/O: call them from a blocking thread.
+#[derive(Debug)]
+pub struct Sink {
+    db: Database,
+    path: PathBuf,
+}
+
+fn reason_code(r: GapReason) -> u8 {
+    match r {
+        GapReason::Capacity => 0,
+        GapReason::Ttl => 1,
+    }
+}
+
+fn reason_name(c: u8) -> &'static str {
+    match c {
+        0 => "capacity",
+        1 => "ttl",
+        _ => "unknown",
+    }
+}
+
+impl Sink {
+    /// Opens (or creates) the sink file.
+    pub fn open(path: &Path, cache_bytes: usize) -> Result<Self, SinkError> {
+        let db = Database::builder()
+            .set_cache_size(cache_bytes)
+            .create(path)
+            .map_err(|e| SinkError::Open { path: path.into(), source: Box::new(e) })?;
+        let txn = db.begin_write()?;
+        txn.open_table(RECORDS)?;
+        txn.open_table(GAPS)?;
+        txn.open_table(MARKS)?;
+        txn.commit()?;
+        Ok(Self { db, path: path.into() })
+    }
+
+    /// Path of the sink file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The marks of `lanes` of `gateway` (0 for lanes never seen).
+    pub fn marks(&self, gateway: &str, lanes: &[String]) -> Result<Vec<(String, u64)>, SinkError> {
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(MARKS)?;
+        let mut out = Vec::with_capacity(lanes.len());
+        for l in lanes {
+            let m = t.get((gateway, l.as_str()))?.map_or(0, |v| v.value());
+            out.push((l.clone(), m));
+        }
+        Ok(out)
+    }
+
+    /// Commits the requests of `gateway` in one durable transaction.
+    pub fn commit(&self, gateway: &str, reqs: &[StoreRequest]) -> Result<CommitStats, SinkError> {
+        let mut stats = CommitStats::default();
+        let mut txn = self.db.begin_write()?;
+        txn.set_durability(Durability::Immediate)?;
+        {
+            let mut records = txn.open_table(RECORDS)?;
+            let mut gaps = txn.open_table(GAPS)?;
+            let mut marks = txn.open_table(MARKS)?;
+            let mut buf = Vec::new();
+            for req in reqs {
+                let lane = req.lane.as_str();
+                let mark = marks.get((gateway, lane))?.map_or(0, |v| v.value());
+                for r in &req.records {
+                    if r.seq <= mark {
+                        stats.duplicates += 1;
+                        continue;
+                    }
+                    buf.clear();
+                    minicbor::encode(r, &mut buf).expect("encoding into a Vec is infallible");
+                    records.insert((gateway, lane, r.seq), buf.as_slice())?;
+                    stats.records += 1;
+                    stats.bytes += r.payload.len() as u64;
+                }
+                for g in &req.gaps {
+                    if g.through_seq <= mark {
+                        continue;
+                    }
+                    let from = g.from_seq.max(mark + 1);
+                    gaps.insert((gateway, lane, from), (g.through_seq, reason_code(g.reason)))?;
+                }
+                if req.through_seq > mark {
+                    marks.insert((gateway, lane), req.through_seq)?;
+                }
+            }
+        }
+        txn.commit()?;
+        Ok(stats)
+    }
+
+    /// Calls `f` for every stored record and gap, ordered by gateway, lane and seq.
+    pub fn export(
+        &self,
+        gateway: Option<&str>,
+        lane: Option<&str>,
+        mut f: impl FnMut(ExportRow) -> bool,
+    ) -> Result<(), SinkError> {
+        let txn = self.db.begin_read()?;
+        let records = txn.open_table(RECORDS)?;
+        let gaps = txn.open_table(GAPS)?;
+        let keep = |g: &str, l: &str| gateway.is_none_or(|x| x == g) && lane.is_none_or(|x| x == l);
+        for row in records.iter()? {
+            let (k, v) = row?;
+            let (g, l, seq) = k.value();
+            if !keep(g, l) {
+                continue;
+            }
+            let r: Record = minicbor::decode(v.value()).map_err(|e| SinkError::Corrupt {
+                gateway: g.into(),
+                lane: l.into(),
+                seq,
+                message: e.to_string(),
+            })?;
+            let row = ExportRow::Record {
+                gateway: g.into(),
+                lane: l.into(),
+                seq,
+                ingest_ts_ms: r.ingest_ts_ms,
+                source: r.source,
+                content_type: r.content_type,
+                payload: base64::engine::general_purpose::STANDARD.encode(r.payload.as_slice()),
+            };
+            if !f(row) {
+                return Ok(());
+            }
+        }
+        for row in gaps.iter()? {
+            let (k, v) = row?;
+            let (g, l, from) = k.value();
+            if !keep(g, l) {
+                continue;
+            }
+            let (through, reason) = v.value();
+            let row = ExportRow::Gap {
+                gateway: g.into(),
+                lane: l.into(),
+                from_seq: from,
+                through_seq: through,
+                reason: reason_name(reason).into(),
+            };
+            if !f(row) {
+                return Ok(());
+            }
+        }
+        Ok(())
+    }
+
+    /// Number of stored records.
+    pub fn count(&self) -> Result<u64, SinkError> {
+        use redb::ReadableTableMetadata;
+        let txn = self.db.begin_read()?;
+        Ok(txn.open_table(RECORDS)?.len()?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use voither_proto::Gap;
+
+    fn rec(seq: u64) -> Record {
+        Record { seq, ingest_ts_ms: 5, source: "s".into(), content_type: None, payload: vec![seq as u8; 4].into() }
+    }
+
+    #[test]
+    fn commit_ignores_at_or_below_mark_and_survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("sink.redb");
+        {
+            let s = Sink::open(&p, 1 << 20).unwrap();
+            let req = StoreRequest { lane: "a".into(), records: vec![rec(1), rec(2)], gaps: vec![], through_seq: 2 };
+            assert_eq!(s.commit("gw", std::slice::from_ref(&req)).unwrap().records, 2);
+            let again = s.commit("gw", &[req]).unwrap();
+            assert_eq!((again.records, again.duplicates), (0, 2));
+            let gap = Gap { from_seq: 3, through_seq: 9, reason: GapReason::Ttl };
+            s.commit(
+                "gw",
+                &[StoreRequest { lane: "a".into(), records: vec![rec(10)], gaps: vec![gap], through_seq: 10 }],
+            )
+            .unwrap();
+        }
+        let s = Sink::open(&p, 1 << 20).unwrap();
+        assert_eq!(s.marks("gw", &["a".into(), "b".into()]).unwrap(), vec![("a".into(), 10), ("b".into(), 0)]);
+        assert_eq!(s.marks("other", &["a".into()]).unwrap(), vec![("a".into(), 0)]);
+        let mut rows = Vec::new();
+        s.export(None, None, |r| {
+            rows.push(serde_json::to_string(&r).unwrap());
+            true
+        })
+        .unwrap();
+        assert_eq!(rows.len(), 4);
+        assert!(rows[3].contains("\"kind\":\"gap\"") && rows[3].contains("\"reason\":\"ttl\""), "{}", rows[3]);
+        assert!(rows[0].contains("\"payload\":\"AQEBAQ==\""), "{}", rows[0]);
+    }
+
+    #[test]
+    fn corrupt_file_is_a_clear_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("sink.redb");
+        std::fs::write(&p, b"not a database at all, just text that is long enough to be read").unwrap();
+        let e = Sink::open(&p, 1 << 20).unwrap_err().to_string();
+        assert!(e.contains("sink.redb"), "{e}");
+    }
+}

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Runs every test of VOITHER Edge on this machine, installing what the tests need.
+#
+#   scripts/test.sh            format check, clippy, build, all tests
+#
+# The end-to-end tests start their own Mosquitto, hubs and gateways on free loopback
+# ports; Mosquitto comes from Debian's packages and is installed here when missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+missing=()
+if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; then
+  missing+=(mosquitto)
+fi
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "==> installing ${missing[*]}"
+  SUDO=""
+  [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+echo "==> cargo fmt --check"
+cargo fmt --all --check
+echo "==> cargo clippy"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+echo "==> cargo build (binaries used by the end-to-end tests)"
+cargo build --workspace --bins --locked
+echo "==> cargo test"
+cargo test --workspace --locked -- --test-threads=2

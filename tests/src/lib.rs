@@ -1,0 +1,11 @@
+//! End-to-end support for VOITHER Edge: the device simulator, the checker that proves
+//! exactly-once delivery, and helpers that run Mosquitto, hubs and gateways as real
+//! processes. Used by the integration tests in `tests/tests/`, the quick-start demo
+//! (`voither-demo`) and the simulator binary (`voither-sim`).
+
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod check;
+pub mod procs;
+pub mod sim;
