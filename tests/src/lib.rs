@@ -8,4 +8,5 @@
 
 pub mod check;
 pub mod procs;
+pub mod raw;
 pub mod sim;
