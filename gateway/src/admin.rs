@@ -31,7 +31,9 @@ pub struct AdminState {
     /// True once the store is open and the pipeline started.
     pub ready: AtomicBool,
     /// Configured lanes in order.
-    pub lanes: Vec<(String, u8)>,
+    pub lanes: Vec<crate::store::LaneSpec>,
+    /// The store's total budget.
+    pub store_budget: u64,
 }
 
 /// The router.
@@ -94,6 +96,21 @@ struct LaneView {
     ingested_records: u64,
     stored_records: u64,
     synced_records: u64,
+    budget_bytes: u64,
+    full_policy: crate::store::FullPolicy,
+    evicted: Evicted,
+}
+
+#[derive(serde::Serialize)]
+struct MqttView {
+    connected: bool,
+    subscribed: bool,
+}
+
+#[derive(serde::Serialize)]
+struct Evicted {
+    capacity: u64,
+    ttl: u64,
 }
 
 #[derive(serde::Serialize)]
@@ -103,6 +120,9 @@ struct StatusView {
     ready: bool,
     store_path: String,
     store_disk_bytes: u64,
+    store_budget_bytes: u64,
+    held_messages: i64,
+    mqtt: MqttView,
     lanes: Vec<LaneView>,
     uplink: UplinkStatus,
 }
@@ -119,8 +139,18 @@ async fn status(State(s): State<Arc<AdminState>>) -> Response {
         .into_iter()
         .map(|st| {
             let l = Metrics::lane(&st.lane);
+            let spec = s.lanes.iter().find(|l| l.name == st.lane);
+            let ev = |reason: &str| {
+                s.metrics
+                    .evicted_records
+                    .get_or_create(&crate::metrics::DropLabel { lane: st.lane.clone(), reason: reason.into() })
+                    .get()
+            };
             LaneView {
-                priority: s.lanes.iter().find(|(n, _)| *n == st.lane).map_or(255, |(_, p)| *p),
+                priority: spec.map_or(255, |l| l.priority),
+                budget_bytes: spec.map_or(0, |l| l.max_bytes),
+                full_policy: spec.map(|l| l.policy).unwrap_or_default(),
+                evicted: Evicted { capacity: ev("capacity"), ttl: ev("ttl") },
                 next_seq: st.next_seq,
                 oldest_seq: st.oldest_seq,
                 backlog_records: st.records,
@@ -139,6 +169,12 @@ async fn status(State(s): State<Arc<AdminState>>) -> Response {
         ready: s.ready.load(Ordering::Acquire),
         store_path: s.store.path().display().to_string(),
         store_disk_bytes: s.store.file_size(),
+        store_budget_bytes: s.store_budget,
+        held_messages: s.metrics.held_messages.get(),
+        mqtt: MqttView {
+            connected: s.heartbeat.mqtt_connected.load(Ordering::Relaxed),
+            subscribed: s.heartbeat.mqtt_subscribed.load(Ordering::Relaxed),
+        },
         lanes,
         uplink: s.uplink.lock().expect("status lock").clone(),
     })

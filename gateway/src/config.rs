@@ -10,7 +10,7 @@
 //! port = 1883
 //! client_id = "voither-gateway"
 //!
-//! [broker]            # the embedded broker (feature `embedded-broker`)
+//! [broker]            # the embedded broker (feature `embedded-broker`), off by default
 //! enabled = true
 //! listen = "127.0.0.1:1883"
 //!
@@ -41,6 +41,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
+
+/// Largest `mqtt.max_payload_bytes`: a record must fit a sync frame with room to spare.
+pub const MAX_PAYLOAD_LIMIT: usize = voither_proto::MAX_FRAME_LEN / 4;
 
 /// A configuration that could not be loaded; the message names the file and the key.
 #[derive(Debug, thiserror::Error)]
@@ -221,12 +224,30 @@ pub struct StoreSection {
     /// Page cache of the store, bytes (edge devices have little memory).
     #[serde(default = "default_cache")]
     pub cache_bytes: usize,
+    /// Most bytes of records held over all lanes (default: the sum of lane budgets).
+    #[serde(default)]
+    pub max_bytes: Option<u64>,
+    /// What to do with a store file that is corrupt at start.
+    #[serde(default)]
+    pub on_corrupt: OnCorrupt,
 }
 
 impl Default for StoreSection {
     fn default() -> Self {
-        Self { cache_bytes: default_cache() }
+        Self { cache_bytes: default_cache(), max_bytes: None, on_corrupt: OnCorrupt::default() }
     }
+}
+
+/// `store.on_corrupt`
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnCorrupt {
+    /// Rename the file to `store.redb.corrupt-<unix seconds>` (never delete it) and start
+    /// with a fresh store.
+    #[default]
+    MoveAside,
+    /// Refuse to start, naming the file and the problem.
+    Refuse,
 }
 
 const fn default_cache() -> usize {
@@ -245,14 +266,36 @@ pub struct LaneConfig {
     /// MQTT topic filters whose messages go to this lane.
     #[serde(default)]
     pub topics: Vec<String>,
+    /// Byte budget of the records the lane holds.
+    #[serde(default = "default_lane_bytes")]
+    pub max_bytes: u64,
+    /// Records older than this many seconds are evicted (a counted gap); unset: kept
+    /// until a hub acknowledges them.
+    #[serde(default)]
+    pub ttl_s: Option<u64>,
+    /// `drop_oldest` (evict the oldest, counted and reported as a gap) or
+    /// `backpressure` (stop acking the broker until space frees).
+    #[serde(default)]
+    pub full_policy: crate::store::FullPolicy,
 }
 
 const fn default_priority() -> u8 {
     5
 }
 
+const fn default_lane_bytes() -> u64 {
+    256 * 1024 * 1024
+}
+
 fn default_lanes() -> Vec<LaneConfig> {
-    vec![LaneConfig { name: "telemetry".into(), priority: 1, topics: vec!["#".into()] }]
+    vec![LaneConfig {
+        name: "telemetry".into(),
+        priority: 1,
+        topics: vec!["#".into()],
+        max_bytes: default_lane_bytes(),
+        ttl_s: None,
+        full_policy: Default::default(),
+    }]
 }
 
 /// `[uplink]`: the hubs and the gateway's identity.
@@ -436,6 +479,16 @@ impl Config {
             if !seen.insert(&lane.name) {
                 return Err(bad(&format!("lanes[{i}].name"), format!("lane {:?} is defined twice", lane.name)));
             }
+            let min = self.mqtt.max_payload_bytes as u64 + 4096;
+            if lane.max_bytes < min {
+                return Err(bad(
+                    &format!("lanes[{i}].max_bytes"),
+                    format!("{} is smaller than one record of mqtt.max_payload_bytes ({min} bytes)", lane.max_bytes),
+                ));
+            }
+            if lane.ttl_s == Some(0) {
+                return Err(bad(&format!("lanes[{i}].ttl_s"), "must be at least 1 (leave it out for no TTL)".into()));
+            }
             for (j, t) in lane.topics.iter().enumerate() {
                 if let Err(m) = check_filter(t) {
                     return Err(bad(&format!("lanes[{i}].topics[{j}]"), format!("{t:?}: {m}")));
@@ -450,8 +503,17 @@ impl Config {
                 return Err(bad(&format!("uplink.endpoints[{i}]"), format!("{e:?} is not host:port")));
             }
         }
-        if self.mqtt.max_payload_bytes == 0 || self.mqtt.max_payload_bytes > 16 * 1024 * 1024 {
-            return Err(bad("mqtt.max_payload_bytes", "must be between 1 and 16 MiB".into()));
+        if self.mqtt.max_payload_bytes == 0 || self.mqtt.max_payload_bytes > MAX_PAYLOAD_LIMIT {
+            return Err(bad(
+                "mqtt.max_payload_bytes",
+                format!("must be between 1 and {MAX_PAYLOAD_LIMIT} (1 MiB, a quarter of the sync frame limit)"),
+            ));
+        }
+        if self.mqtt.keep_alive_s < 5 {
+            return Err(bad("mqtt.keep_alive_s", "must be at least 5".into()));
+        }
+        if self.mqtt.username.is_some() != self.mqtt.password.is_some() {
+            return Err(bad("mqtt.password", "mqtt.username and mqtt.password must be set together".into()));
         }
         if self.mqtt.batch_max_messages == 0 || self.mqtt.batch_max_messages > 65_535 {
             return Err(bad("mqtt.batch_max_messages", "must be between 1 and 65535".into()));
@@ -468,10 +530,35 @@ impl Config {
         if self.uplink.backoff_min_ms == 0 || self.uplink.backoff_min_ms > self.uplink.backoff_max_ms {
             return Err(bad("uplink.backoff_min_ms", "must be at least 1 and at most uplink.backoff_max_ms".into()));
         }
+        if let Some(total) = self.store.max_bytes {
+            let min = self.mqtt.max_payload_bytes as u64 + 4096;
+            if total < min {
+                return Err(bad("store.max_bytes", format!("{total} is smaller than one record ({min} bytes)")));
+            }
+        }
         if self.store.cache_bytes < 1024 * 1024 {
             return Err(bad("store.cache_bytes", "must be at least 1 MiB".into()));
         }
         Ok(())
+    }
+
+    /// The store's total budget: `store.max_bytes`, or the sum of the lane budgets.
+    pub fn store_max_bytes(&self) -> u64 {
+        self.store.max_bytes.unwrap_or_else(|| self.lanes.iter().map(|l| l.max_bytes).sum())
+    }
+
+    /// Lane limits for the store.
+    pub fn lane_specs(&self) -> Vec<crate::store::LaneSpec> {
+        self.lanes
+            .iter()
+            .map(|l| crate::store::LaneSpec {
+                name: l.name.clone(),
+                priority: l.priority,
+                max_bytes: l.max_bytes,
+                ttl_ms: l.ttl_s.map(|s| s.saturating_mul(1000)),
+                policy: l.full_policy,
+            })
+            .collect()
     }
 
     /// The lane a topic maps to: the first lane with a matching filter.

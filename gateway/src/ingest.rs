@@ -16,6 +16,7 @@
 //! batch being committed; the request channel is sized to hold an ack for each.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -25,7 +26,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::config::Config;
 use crate::metrics::{DropLabel, Metrics};
-use crate::store::{message_hash, NewRecord, Store};
+use crate::store::{message_hash, NewRecord, Store, StoreError};
 use crate::Heartbeat;
 
 /// Runs ingest until `shutdown` turns true.
@@ -34,6 +35,7 @@ pub async fn run(
     store: Arc<Store>,
     metrics: Arc<Metrics>,
     appended: Arc<Notify>,
+    space: Arc<Notify>,
     heartbeat: Arc<Heartbeat>,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -41,7 +43,7 @@ pub async fn run(
     let mut opts = MqttOptions::new(m.client_id.clone(), m.host.clone(), m.port);
     opts.set_clean_session(false);
     opts.set_manual_acks(true);
-    opts.set_keep_alive(Duration::from_secs(m.keep_alive_s.max(5)));
+    opts.set_keep_alive(Duration::from_secs(m.keep_alive_s));
     // Incoming limit above the payload limit, so an oversized message is refused by us
     // (counted, acked, dropped) instead of breaking the connection for ever after.
     let incoming = (m.max_payload_bytes * 2 + 64 * 1024).max(1024 * 1024);
@@ -61,11 +63,12 @@ pub async fn run(
 
     let filters = cfg.subscriptions();
     let committer =
-        tokio::spawn(commit_loop(cfg.clone(), store, metrics.clone(), appended, ack_tx, rx, heartbeat.clone()));
+        tokio::spawn(commit_loop(cfg.clone(), store, metrics.clone(), appended, space, ack_tx, rx, heartbeat.clone()));
 
     let mut overflow: VecDeque<Publish> = VecDeque::new();
     let mut unsent_acks: VecDeque<Publish> = VecDeque::new();
     let mut backoff = Duration::from_millis(100);
+    let mut suback_pending = 0usize;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         while let Some(p) = unsent_acks.front() {
@@ -98,6 +101,9 @@ pub async fn run(
             ev = eventloop.poll(), if can_poll => match ev {
                 Ok(Event::Incoming(Packet::ConnAck(ack))) => {
                     backoff = Duration::from_millis(100);
+                    heartbeat.mqtt_connected.store(true, Ordering::Relaxed);
+                    heartbeat.mqtt_subscribed.store(false, Ordering::Relaxed);
+                    suback_pending = filters.len();
                     info!(host = %cfg.mqtt.host, port = cfg.mqtt.port, session_present = ack.session_present, "Connected to the MQTT broker.");
                     for f in &filters {
                         if let Err(e) = client.try_subscribe(f.clone(), QoS::AtLeastOnce) {
@@ -109,9 +115,20 @@ pub async fn run(
                     heartbeat.ingest.tick();
                     overflow.push_back(p);
                 }
-                Ok(Event::Incoming(Packet::SubAck(s))) => debug!(pkid = s.pkid, "Subscribed."),
+                Ok(Event::Incoming(Packet::SubAck(s))) => {
+                    debug!(pkid = s.pkid, "Subscribed.");
+                    if s.return_codes.iter().any(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure)) {
+                        error!("The broker refused a subscription; check its ACL for this client.");
+                    }
+                    suback_pending = suback_pending.saturating_sub(1);
+                    if suback_pending == 0 {
+                        heartbeat.mqtt_subscribed.store(true, Ordering::Relaxed);
+                    }
+                }
                 Ok(_) => {}
                 Err(e) => {
+                    heartbeat.mqtt_connected.store(false, Ordering::Relaxed);
+                    heartbeat.mqtt_subscribed.store(false, Ordering::Relaxed);
                     metrics.mqtt_errors.inc();
                     warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "MQTT connection failed, retrying.");
                     tokio::select! {
@@ -138,17 +155,20 @@ pub async fn run(
     let _ = tokio::time::timeout(Duration::from_millis(500), async { while eventloop.poll().await.is_ok() {} }).await;
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn commit_loop(
     cfg: Arc<Config>,
     store: Arc<Store>,
     metrics: Arc<Metrics>,
     appended: Arc<Notify>,
+    space: Arc<Notify>,
     acks: mpsc::UnboundedSender<Vec<Publish>>,
     mut rx: mpsc::Receiver<Publish>,
     heartbeat: Arc<Heartbeat>,
 ) {
     let max = cfg.mqtt.batch_max_messages;
     let delay = Duration::from_millis(cfg.mqtt.batch_max_delay_ms);
+    let held_cap = max * 4;
     let mut inflight: HashMap<u16, u64> = match store.mqtt_inflight() {
         Ok(m) => m,
         Err(e) => {
@@ -156,41 +176,79 @@ async fn commit_loop(
             HashMap::new()
         }
     };
-    let mut batch: Vec<Publish> = Vec::with_capacity(max);
-    loop {
+    // Messages of full backpressure lanes, oldest first, not acked.
+    let mut held: Vec<Publish> = Vec::new();
+    let mut open = true;
+    while open || !held.is_empty() {
         heartbeat.committer.tick();
-        let first = tokio::select! {
-            p = rx.recv() => p,
-            _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
-        };
-        let Some(first) = first else { break };
-        batch.push(first);
-        let deadline = tokio::time::Instant::now() + delay;
-        while batch.len() < max {
-            match tokio::time::timeout_at(deadline, rx.recv()).await {
-                Ok(Some(p)) => batch.push(p),
-                Ok(None) | Err(_) => break,
+        let mut batch: Vec<Publish> = Vec::new();
+        if held.len() < held_cap && open {
+            let first = tokio::select! {
+                p = rx.recv() => p,
+                _ = space.notified(), if !held.is_empty() => None,
+                _ = tokio::time::sleep(Duration::from_secs(1)) => None,
+            };
+            match first {
+                Some(p) => {
+                    batch.push(p);
+                    let deadline = tokio::time::Instant::now() + delay;
+                    while batch.len() < max {
+                        match tokio::time::timeout_at(deadline, rx.recv()).await {
+                            Ok(Some(p)) => batch.push(p),
+                            Ok(None) => {
+                                open = false;
+                                break;
+                            }
+                            Err(_) => break,
+                        }
+                    }
+                }
+                None if rx.is_closed() && rx.is_empty() => open = false,
+                None => {}
+            }
+        } else if !held.is_empty() {
+            // Full: wait for the uplink or the TTL sweep to free space.
+            tokio::select! {
+                _ = space.notified() => {}
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+            if !open && held.is_empty() {
+                break;
             }
         }
-        let done = commit(&cfg, &store, &metrics, &mut inflight, std::mem::take(&mut batch)).await;
-        if acks.send(done).is_err() {
+        if batch.is_empty() && held.is_empty() {
+            continue;
+        }
+        let mut candidates = std::mem::take(&mut held);
+        candidates.extend(batch);
+        let (done, still_held) = commit(&cfg, &store, &metrics, &mut inflight, candidates).await;
+        held = still_held;
+        metrics.held_messages.set(held.len() as i64);
+        if !done.is_empty() {
+            appended.notify_one();
+            if acks.send(done).is_err() {
+                break;
+            }
+        }
+        if !open && !held.is_empty() {
+            // Shutting down with messages held: they stay unacked; the broker keeps them.
             break;
         }
-        appended.notify_one();
     }
 }
 
+/// Commits what it can of `batch`; returns the PUBACKs to send and the messages held
+/// back because their backpressure lane is full (in order).
 async fn commit(
     cfg: &Config,
     store: &Arc<Store>,
     metrics: &Metrics,
     inflight: &mut HashMap<u16, u64>,
     batch: Vec<Publish>,
-) -> Vec<Publish> {
-    let mut records = Vec::with_capacity(batch.len());
-    let mut entries = Vec::with_capacity(batch.len());
+) -> (Vec<Publish>, Vec<Publish>) {
+    let mut cands: Vec<(Publish, String, u64)> = Vec::with_capacity(batch.len());
     let mut ack_only = Vec::new();
-    let mut to_ack = Vec::with_capacity(batch.len());
+    let mut held = Vec::new();
     let now_ms = crate::unix_ms();
     for p in batch {
         let hash = message_hash(&p.topic, &p.payload);
@@ -206,8 +264,6 @@ async fn commit(
             ack_only.push(Publish { payload: Default::default(), ..p });
             continue;
         };
-        metrics.ingested_records.get_or_create(&Metrics::lane(&lane.name)).inc();
-        metrics.ingested_bytes.get_or_create(&Metrics::lane(&lane.name)).inc_by(p.payload.len() as u64);
         if p.payload.len() > cfg.mqtt.max_payload_bytes {
             warn!(topic = %p.topic, bytes = p.payload.len(), limit = cfg.mqtt.max_payload_bytes, "Payload over mqtt.max_payload_bytes, dropped.");
             metrics
@@ -217,44 +273,77 @@ async fn commit(
             ack_only.push(Publish { payload: Default::default(), ..p });
             continue;
         }
-        records.push(NewRecord {
-            lane: lane.name.clone(),
-            ingest_ts_ms: now_ms,
-            source: p.topic.clone(),
-            content_type: None,
-            payload: p.payload.to_vec(),
-        });
-        entries.push((p.pkid, hash));
-        to_ack.push(Publish { payload: Default::default(), ..p });
+        cands.push((p, lane.name.clone(), hash));
     }
-    if !records.is_empty() {
-        let mut wait = Duration::from_millis(50);
-        loop {
-            let s = store.clone();
-            let (recs, ents) = (records.clone(), entries.clone());
-            let started = tokio::time::Instant::now();
-            let res = tokio::task::spawn_blocking(move || s.append_batch(&recs, &ents)).await;
-            match res {
-                Ok(Ok(_seqs)) => {
-                    metrics.store_commit_seconds.observe(started.elapsed().as_secs_f64());
-                    for r in &records {
-                        metrics.stored_records.get_or_create(&Metrics::lane(&r.lane)).inc();
-                    }
-                    for (pkid, hash) in &entries {
-                        inflight.insert(*pkid, *hash);
-                    }
-                    break;
+    let mut wait = Duration::from_millis(50);
+    while !cands.is_empty() {
+        let records: Vec<NewRecord> = cands
+            .iter()
+            .map(|(p, lane, _)| NewRecord {
+                lane: lane.clone(),
+                ingest_ts_ms: now_ms,
+                source: p.topic.clone(),
+                content_type: None,
+                payload: p.payload.to_vec(),
+            })
+            .collect();
+        let entries: Vec<(u16, u64)> = cands.iter().map(|(p, _, h)| (p.pkid, *h)).collect();
+        let s = store.clone();
+        let started = tokio::time::Instant::now();
+        let ents = entries.clone();
+        match tokio::task::spawn_blocking(move || s.append_batch(&records, &ents)).await {
+            Ok(Ok(app)) => {
+                metrics.store_commit_seconds.observe(started.elapsed().as_secs_f64());
+                for (p, lane, _) in &cands {
+                    let l = Metrics::lane(lane);
+                    metrics.ingested_records.get_or_create(&l).inc();
+                    metrics.ingested_bytes.get_or_create(&l).inc_by(p.payload.len() as u64);
+                    metrics.stored_records.get_or_create(&l).inc();
                 }
-                Ok(Err(e)) => {
-                    // Not acked, so not lost: retry; the broker keeps the messages meanwhile.
-                    error!(error = %e, records = records.len(), retry_in_ms = wait.as_millis() as u64, "Store commit failed, retrying.");
+                metrics.evicted(&app.evicted);
+                for (pkid, hash) in &entries {
+                    inflight.insert(*pkid, *hash);
                 }
-                Err(e) => error!(error = %e, "Store commit task failed, retrying."),
+                let mut acks: Vec<Publish> =
+                    cands.into_iter().map(|(p, _, _)| Publish { payload: Default::default(), ..p }).collect();
+                acks.extend(ack_only);
+                return (acks, held);
             }
-            tokio::time::sleep(wait).await;
-            wait = (wait * 2).min(Duration::from_secs(5));
+            Ok(Err(StoreError::Full { lane, held: bytes, budget })) => {
+                // Backpressure: keep the newer half of this lane's messages unacked and
+                // retry with the older half, down to single messages, so whatever fits is
+                // committed and the order within the lane is kept.
+                let positions: Vec<usize> =
+                    cands.iter().enumerate().filter(|(_, (_, l, _))| *l == lane).map(|(i, _)| i).collect();
+                let keep = positions.len() / 2;
+                let tail: std::collections::HashSet<usize> = positions[keep..].iter().copied().collect();
+                let mut rest = Vec::with_capacity(cands.len());
+                let mut newly_held = Vec::new();
+                for (i, c) in cands.into_iter().enumerate() {
+                    if tail.contains(&i) {
+                        newly_held.push(c.0);
+                    } else {
+                        rest.push(c);
+                    }
+                }
+                debug!(%lane, bytes, budget, holding = newly_held.len(), "Lane full, holding messages.");
+                // Older than anything held before in this call: they go first.
+                held.splice(0..0, newly_held);
+                cands = rest;
+            }
+            Ok(Err(e)) => {
+                // Not acked, so not lost: retry; the broker keeps the messages meanwhile.
+                error!(error = %e, records = cands.len(), retry_in_ms = wait.as_millis() as u64, "Store commit failed, retrying.");
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(5));
+            }
+            Err(e) => {
+                error!(error = %e, "Store commit task failed, retrying.");
+                tokio::time::sleep(wait).await;
+            }
         }
     }
-    to_ack.extend(ack_only);
-    to_ack
+    // Held messages keep their order relative to the new ones of the same lane because
+    // candidates were built from held first.
+    (ack_only, held)
 }

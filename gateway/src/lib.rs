@@ -46,9 +46,13 @@ impl Tick {
     }
 }
 
-/// Liveness of the pipeline's loops.
+/// Liveness of the pipeline's loops, and the MQTT session state.
 #[derive(Debug)]
 pub struct Heartbeat {
+    /// True while connected to the MQTT broker.
+    pub mqtt_connected: AtomicBool,
+    /// True once every subscription of the current connection was acknowledged.
+    pub mqtt_subscribed: AtomicBool,
     started: tokio::time::Instant,
     /// The MQTT event loop.
     pub ingest: Tick,
@@ -61,6 +65,8 @@ pub struct Heartbeat {
 impl Default for Heartbeat {
     fn default() -> Self {
         let h = Self {
+            mqtt_connected: AtomicBool::new(false),
+            mqtt_subscribed: AtomicBool::new(false),
             started: tokio::time::Instant::now(),
             ingest: Tick::default(),
             committer: Tick::default(),
@@ -146,13 +152,12 @@ pub async fn run(
         cfg.uplink.keep_alive(),
         cfg.uplink.idle_timeout(),
     )?;
-    let lanes: Vec<String> = cfg.lanes.iter().map(|l| l.name.clone()).collect();
-    let path = dir.join("store.redb");
-    let cache = cfg.store.cache_bytes;
-    let store = Arc::new(
-        tokio::task::spawn_blocking(move || store::Store::open(&path, cache, &lanes)).await.expect("open task")?,
-    );
     let metrics = Arc::new(metrics::Metrics::new());
+    let store = {
+        let cfg = cfg.clone();
+        let metrics = metrics.clone();
+        Arc::new(tokio::task::spawn_blocking(move || open_store(&cfg, &metrics)).await.expect("open task")?)
+    };
     let heartbeat = Arc::new(Heartbeat::default());
     let uplink_status = Arc::new(Mutex::new(uplink::UplinkStatus::default()));
     let admin_state = Arc::new(admin::AdminState {
@@ -161,7 +166,8 @@ pub async fn run(
         uplink: uplink_status.clone(),
         heartbeat: heartbeat.clone(),
         ready: AtomicBool::new(false),
-        lanes: cfg.lanes.iter().map(|l| (l.name.clone(), l.priority)).collect(),
+        lanes: cfg.lane_specs(),
+        store_budget: cfg.store_max_bytes(),
     });
     let listener = tokio::net::TcpListener::bind(cfg.admin.listen)
         .await
@@ -181,6 +187,9 @@ pub async fn run(
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let appended = Arc::new(Notify::new());
+    let space = Arc::new(Notify::new());
+    let maintenance =
+        tokio::spawn(maintain(store.clone(), metrics.clone(), appended.clone(), space.clone(), stop_rx.clone()));
     let admin_task = {
         let app = admin::router(admin_state.clone());
         let mut rx = stop_rx.clone();
@@ -197,6 +206,7 @@ pub async fn run(
         store.clone(),
         metrics.clone(),
         appended.clone(),
+        space.clone(),
         heartbeat.clone(),
         stop_rx.clone(),
     ));
@@ -206,6 +216,7 @@ pub async fn run(
         metrics: metrics.clone(),
         status: uplink_status,
         appended,
+        space,
         heartbeat,
         boot_id: rand::random(),
     };
@@ -228,12 +239,81 @@ pub async fn run(
         let _ = ingest_task.await;
         let _ = uplink_task.await;
         let _ = admin_task.await;
+        let _ = maintenance.await;
     })
     .await;
     if drained.is_err() {
         warn!(grace_ms = grace.as_millis() as u64, "Grace period over, stopping anyway.");
     }
     Ok(())
+}
+
+/// Opens the store; a corrupt file is moved aside (never deleted) and a fresh store
+/// started, unless `store.on_corrupt = "refuse"`.
+fn open_store(cfg: &Config, metrics: &metrics::Metrics) -> Result<store::Store, StartError> {
+    let path = cfg.gateway.data_dir.join("store.redb");
+    let open = || store::Store::open(&path, cfg.store.cache_bytes, &cfg.lane_specs(), cfg.store_max_bytes());
+    match open() {
+        Ok(s) => Ok(s),
+        Err(e) if e.is_corrupt() && cfg.store.on_corrupt == config::OnCorrupt::MoveAside => {
+            let aside = path.with_extension(format!("redb.corrupt-{}", unix_ms() / 1000));
+            std::fs::rename(&path, &aside).map_err(|source| StartError::DataDir { path: aside.clone(), source })?;
+            metrics.store_corrupt_moved.inc();
+            tracing::error!(
+                store = %path.display(),
+                moved_to = %aside.display(),
+                problem = %e,
+                "Store file is corrupt; moved it aside and started a fresh store. Records it held were not sent."
+            );
+            Ok(open()?)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// TTL expiry every second, and compaction once a drained store has been idle a while.
+async fn maintain(
+    store: Arc<store::Store>,
+    metrics: Arc<metrics::Metrics>,
+    appended: Arc<Notify>,
+    space: Arc<Notify>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut idle_ticks = 0u32;
+    let mut compacted_size = 0u64;
+    loop {
+        tokio::select! {
+            _ = stop.changed() => break,
+            _ = tick.tick() => {}
+        }
+        let s = store.clone();
+        match tokio::task::spawn_blocking(move || s.expire(unix_ms())).await.expect("expire task") {
+            Ok(ev) if !ev.is_empty() => {
+                metrics.evicted(&ev);
+                space.notify_waiters();
+                // The uplink must learn about the new gaps.
+                appended.notify_one();
+            }
+            Ok(_) => {}
+            Err(e) => warn!(error = %e, "TTL expiry failed."),
+        }
+        let size = store.file_size();
+        let empty = store.stats().map(|st| st.iter().all(|l| l.records == 0)).unwrap_or(false);
+        idle_ticks = if empty { idle_ticks + 1 } else { 0 };
+        // Compact after 10 idle seconds, when the file grew since the last compaction.
+        if idle_ticks >= 10 && size > compacted_size.max(1024 * 1024) {
+            let s = store.clone();
+            match tokio::task::spawn_blocking(move || s.compact_if_idle()).await.expect("compact task") {
+                Ok(Some((before, after))) => {
+                    info!(before_bytes = before, after_bytes = after, "Store drained; compacted the file.");
+                    compacted_size = after;
+                }
+                Ok(None) => {}
+                Err(e) => warn!(error = %e, "Store compaction failed."),
+            }
+        }
+    }
 }
 
 /// Sends a state line to systemd when started with `Type=notify`.

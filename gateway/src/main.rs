@@ -32,13 +32,73 @@ enum Command {
         #[arg(short, long, env = "VOITHER_GATEWAY_CONFIG")]
         config: PathBuf,
     },
+    /// Inspect the local store.
+    Store {
+        #[command(subcommand)]
+        command: StoreCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum StoreCommand {
+    /// Report the store's health (JSON) without changing it: exit 0 healthy, 2 corrupt
+    /// or inconsistent, 1 when it cannot be read (for example a running gateway has it
+    /// open: use its /status instead).
+    Check {
+        /// Configuration file (TOML); the store is `<gateway.data_dir>/store.redb`.
+        #[arg(short, long, env = "VOITHER_GATEWAY_CONFIG", conflicts_with = "file")]
+        config: Option<PathBuf>,
+        /// A store file to check directly.
+        #[arg(long)]
+        file: Option<PathBuf>,
+    },
+}
+
+fn store_check(config: Option<PathBuf>, file: Option<PathBuf>) -> ExitCode {
+    let path = match (config, file) {
+        (_, Some(f)) => f,
+        (Some(c), None) => match Config::load(&c, &ProcessEnv) {
+            Ok(cfg) => cfg.gateway.data_dir.join("store.redb"),
+            Err(e) => {
+                eprintln!("voither-gateway: {e}");
+                return ExitCode::from(64);
+            }
+        },
+        (None, None) => {
+            eprintln!("voither-gateway: store check needs --config FILE or --file STORE");
+            return ExitCode::from(64);
+        }
+    };
+    if !path.exists() {
+        eprintln!("voither-gateway: no store at {}", path.display());
+        return ExitCode::from(1);
+    }
+    match voither_gateway::store::check(&path) {
+        Ok(rep) => {
+            println!("{}", serde_json::to_string_pretty(&rep).expect("json"));
+            if rep.problems.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(2)
+            }
+        }
+        Err(e) if e.is_corrupt() => {
+            eprintln!("voither-gateway: {e}");
+            ExitCode::from(2)
+        }
+        Err(e) => {
+            eprintln!("voither-gateway: {e}");
+            ExitCode::from(1)
+        }
+    }
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let (path, grace) = match &cli.command {
-        Command::Run { config, grace_s } => (config, Some(*grace_s)),
-        Command::CheckConfig { config } => (config, None),
+    let (path, grace) = match cli.command {
+        Command::Run { ref config, grace_s } => (config, Some(grace_s)),
+        Command::CheckConfig { ref config } => (config, None),
+        Command::Store { command: StoreCommand::Check { config, file } } => return store_check(config, file),
     };
     let cfg = match Config::load(path, &ProcessEnv) {
         Ok(c) => c,

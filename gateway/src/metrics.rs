@@ -41,6 +41,16 @@ pub struct Metrics {
     pub synced_bytes: Family<LaneLabel, Counter>,
     /// Records not stored, by lane and reason.
     pub dropped_records: Family<DropLabel, Counter>,
+    /// Records evicted before a hub had them, by lane and reason (`capacity`, `ttl`).
+    pub evicted_records: Family<DropLabel, Counter>,
+    /// Bytes evicted, by lane and reason.
+    pub evicted_bytes: Family<DropLabel, Counter>,
+    /// Messages held unacknowledged because a `backpressure` lane is full.
+    pub held_messages: Gauge,
+    /// Store files found corrupt at start and moved aside.
+    pub store_corrupt_moved: Counter,
+    /// Hub sessions that ended with a protocol or frame error.
+    pub uplink_protocol_errors: Counter,
     /// MQTT redeliveries recognised as already stored.
     pub redelivered_duplicates: Counter,
     /// Records held and not yet acknowledged, by lane.
@@ -81,6 +91,11 @@ impl Metrics {
             synced_bytes: Family::default(),
             dropped_records: Family::default(),
             redelivered_duplicates: Counter::default(),
+            evicted_records: Family::default(),
+            evicted_bytes: Family::default(),
+            held_messages: Gauge::default(),
+            store_corrupt_moved: Counter::default(),
+            uplink_protocol_errors: Counter::default(),
             backlog_records: Family::default(),
             backlog_bytes: Family::default(),
             oldest_unsynced_age: Family::default(),
@@ -98,6 +113,27 @@ impl Metrics {
         registry.register("synced_records", "Records acknowledged by a hub", m.synced_records.clone());
         registry.register("synced_bytes", "Payload bytes acknowledged by a hub", m.synced_bytes.clone());
         registry.register("dropped_records", "Records not stored, by reason", m.dropped_records.clone());
+        registry.register(
+            "evicted_records",
+            "Records evicted before a hub had them (reported to the hub as gaps)",
+            m.evicted_records.clone(),
+        );
+        registry.register("evicted_bytes", "Bytes of records evicted before a hub had them", m.evicted_bytes.clone());
+        registry.register(
+            "held_messages",
+            "MQTT messages held unacknowledged because a backpressure lane is full",
+            m.held_messages.clone(),
+        );
+        registry.register(
+            "store_corrupt_moved",
+            "Store files found corrupt at start and moved aside",
+            m.store_corrupt_moved.clone(),
+        );
+        registry.register(
+            "uplink_protocol_errors",
+            "Hub sessions ended by a protocol or frame error",
+            m.uplink_protocol_errors.clone(),
+        );
         registry.register(
             "mqtt_redelivered_duplicates",
             "Broker redeliveries recognised as already stored and not stored again",
@@ -132,6 +168,23 @@ impl Metrics {
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("writing to a String");
         out
+    }
+
+    /// Counts evictions and logs them (one line per eviction batch).
+    pub fn evicted(&self, evictions: &[crate::store::Eviction]) {
+        for e in evictions {
+            let l = DropLabel { lane: e.lane.clone(), reason: e.reason.as_str().into() };
+            self.evicted_records.get_or_create(&l).inc_by(e.records);
+            self.evicted_bytes.get_or_create(&l).inc_by(e.bytes);
+            tracing::warn!(
+                lane = %e.lane,
+                reason = e.reason.as_str(),
+                from_seq = e.from_seq,
+                through_seq = e.through_seq,
+                records = e.records,
+                "Lane over budget or TTL, evicted oldest records; the hub will be told the range."
+            );
+        }
     }
 
     /// Label helper.

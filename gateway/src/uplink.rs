@@ -80,6 +80,8 @@ pub struct Uplink {
     pub status: Arc<Mutex<UplinkStatus>>,
     /// Signalled by ingest after each commit.
     pub appended: Arc<Notify>,
+    /// Signalled after acked records were deleted (space for backpressure lanes).
+    pub space: Arc<Notify>,
     /// Liveness.
     pub heartbeat: Arc<Heartbeat>,
     /// Random id of this start of the agent.
@@ -121,6 +123,9 @@ impl Uplink {
                 Err(SessionError::Shutdown) | Ok(()) => break,
                 Err(e) => {
                     self.metrics.uplink_reconnects.inc();
+                    if matches!(e, SessionError::Proto(_) | SessionError::Decode(_)) {
+                        self.metrics.uplink_protocol_errors.inc();
+                    }
                     // A session that lasted is a healthy endpoint: start the backoff over.
                     if started.elapsed() > Duration::from_secs(10) {
                         failures = 0;
@@ -134,13 +139,25 @@ impl Uplink {
                     if ups.endpoints.len() > 1 {
                         idx += 1;
                     }
-                    tokio::select! {
-                        _ = shutdown.changed() => break,
-                        _ = tokio::time::sleep(wait) => {}
+                    // Keep the liveness tick going while waiting: a hub outage is not a hang.
+                    let until = Instant::now() + wait;
+                    loop {
+                        self.heartbeat.uplink.tick();
+                        tokio::select! {
+                            _ = shutdown.changed() => return self.close(endpoint).await,
+                            _ = tokio::time::sleep_until(until.min(Instant::now() + Duration::from_secs(1))) => {}
+                        }
+                        if Instant::now() >= until {
+                            break;
+                        }
                     }
                 }
             }
         }
+        self.close(endpoint).await
+    }
+
+    async fn close(&self, endpoint: quinn::Endpoint) {
         endpoint.close(0u32.into(), b"shutdown");
         let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
     }
@@ -157,6 +174,7 @@ impl Uplink {
             .ok()
             .and_then(|mut a| a.next())
             .ok_or_else(|| SessionError::Resolve(target.into()))?;
+        self.heartbeat.uplink.tick();
         let connecting = endpoint.connect(addr, &ups.server_name)?;
         let conn = tokio::select! {
             _ = shutdown.changed() => return Err(SessionError::Shutdown),
@@ -200,12 +218,12 @@ impl Uplink {
             while let Some(slot) = sess.poll_send_slot() {
                 let store = self.store.clone();
                 let lane = slot.lane.clone();
-                let records = tokio::task::spawn_blocking(move || {
+                let (records, gaps) = tokio::task::spawn_blocking(move || {
                     store.read_from(&lane, slot.from_seq, slot.max_records, slot.max_bytes)
                 })
                 .await
                 .expect("read task")?;
-                sess.send_batch(origin.elapsed(), &slot.lane, records, Vec::new())?;
+                sess.send_batch(origin.elapsed(), &slot.lane, records, gaps)?;
             }
             // Write what the session queued.
             out.clear();
@@ -236,6 +254,7 @@ impl Uplink {
                             .await
                             .expect("ack task")?;
                         debug!(%lane, through_seq, deleted = n, "Hub acknowledged.");
+                        self.space.notify_waiters();
                         self.metrics.synced_records.get_or_create(&Metrics::lane(&lane)).inc_by(n);
                         self.metrics.synced_bytes.get_or_create(&Metrics::lane(&lane)).inc_by(bytes);
                     }

@@ -72,6 +72,7 @@ pub async fn run(cfg: Config, shutdown: impl std::future::Future<Output = ()>) -
         },
         metrics: Arc::new(metrics::Metrics::new()),
         fleet: Mutex::new(HashMap::new()),
+        max_connections: cfg.hub.max_connections,
     });
     let listener = tokio::net::TcpListener::bind(cfg.admin.listen).await.map_err(|source| StartError::Bind {
         addr: cfg.admin.listen,
@@ -81,8 +82,6 @@ pub async fn run(cfg: Config, shutdown: impl std::future::Future<Output = ()>) -
     if !cfg.admin.listen.ip().is_loopback() {
         warn!(listen = %cfg.admin.listen, "Admin endpoint is not on loopback; /export serves stored records to anyone who reaches it.");
     }
-    let mut server_cfg = server_cfg;
-    server_cfg.max_incoming(cfg.hub.max_connections as usize);
     let endpoint = quinn::Endpoint::server(server_cfg, cfg.hub.listen).map_err(|source| StartError::Bind {
         addr: cfg.hub.listen,
         key: "hub.listen",

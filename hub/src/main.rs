@@ -126,6 +126,10 @@ fn main() -> ExitCode {
 
 fn export(cfg: &Config, gateway: Option<String>, lane: Option<String>) -> ExitCode {
     let path = cfg.hub.data_dir.join("sink.redb");
+    if !path.exists() {
+        eprintln!("voither-hub: no sink at {} (key hub.data_dir): has the hub run with this config?", path.display());
+        return ExitCode::from(1);
+    }
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
     match voither_hub::sink::Sink::open(&path, 16 * 1024 * 1024) {

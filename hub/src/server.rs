@@ -52,6 +52,8 @@ pub struct Hub {
     pub metrics: Arc<Metrics>,
     /// Fleet view.
     pub fleet: Mutex<HashMap<String, FleetEntry>>,
+    /// Most gateway connections at once (`hub.max_connections`).
+    pub max_connections: u32,
 }
 
 fn unix_ms() -> u64 {
@@ -97,6 +99,12 @@ pub async fn serve(hub: Arc<Hub>, endpoint: quinn::Endpoint, shutdown: watch::Re
             _ = stop.changed() => break,
             i = endpoint.accept() => match i { Some(i) => i, None => break },
         };
+        if hub.metrics.connected.get() >= i64::from(hub.max_connections) {
+            hub.metrics.refused_handshakes.inc();
+            warn!(remote = %incoming.remote_address(), limit = hub.max_connections, "Connection limit reached (hub.max_connections), refused.");
+            incoming.refuse();
+            continue;
+        }
         let hub = hub.clone();
         let sd = shutdown.clone();
         tokio::spawn(async move {

@@ -211,7 +211,8 @@ impl Sink {
         Ok(stats)
     }
 
-    /// Calls `f` for every stored record and gap, ordered by gateway, lane and seq.
+    /// Calls `f` for every stored record (ordered by gateway, lane and seq), then every
+    /// recorded gap (in the same order).
     pub fn export(
         &self,
         gateway: Option<&str>,

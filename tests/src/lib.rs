@@ -8,5 +8,6 @@
 
 pub mod check;
 pub mod procs;
+pub mod proxy;
 pub mod raw;
 pub mod sim;

@@ -73,6 +73,23 @@ pub fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> 
     Ok((status, body.to_string()))
 }
 
+/// Runs `cmd` to completion, killing it (and failing the test) after `timeout`.
+pub fn output_within(cmd: &mut Command, timeout: Duration) -> std::process::Output {
+    let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn");
+    let end = Instant::now() + timeout;
+    loop {
+        if child.try_wait().expect("wait").is_some() {
+            return child.wait_with_output().expect("output");
+        }
+        if Instant::now() > end {
+            let _ = child.kill();
+            let out = child.wait_with_output().expect("output");
+            panic!("{cmd:?} did not exit within {timeout:?}; stderr:\n{}", String::from_utf8_lossy(&out.stderr));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// A child process that is killed when dropped.
 #[derive(Debug)]
 pub struct Proc {
@@ -325,7 +342,14 @@ pub struct GatewayOpts {
     pub endpoints: Vec<SocketAddr>,
     /// Extra TOML appended to the config.
     pub extra: String,
+    /// `[[lanes]]` TOML replacing the default lanes (`alarms` for `devices/+/alarm`,
+    /// `telemetry` for `devices/#`) when not empty.
+    pub lanes: String,
 }
+
+/// The lanes a test gateway has unless told otherwise.
+pub const DEFAULT_LANES: &str = "[[lanes]]\nname = \"alarms\"\npriority = 0\ntopics = [\"devices/+/alarm\"]\n\n\
+[[lanes]]\nname = \"telemetry\"\npriority = 1\ntopics = [\"devices/#\"]\n";
 
 /// A gateway process and what is needed to restart it.
 #[derive(Debug)]
@@ -350,9 +374,7 @@ impl Gateway {
             &config,
             format!(
                 "[gateway]\ndata_dir = \"{data}\"\n\n[mqtt]\nhost = \"127.0.0.1\"\nport = {port}\nclient_id = \"voither-{id}\"\n\n\
-                 [broker]\nenabled = {eb}\nlisten = \"127.0.0.1:{port}\"\n\n\
-                 [[lanes]]\nname = \"alarms\"\npriority = 0\ntopics = [\"devices/+/alarm\"]\n\n\
-                 [[lanes]]\nname = \"telemetry\"\npriority = 1\ntopics = [\"devices/#\"]\n\n\
+                 [broker]\nenabled = {eb}\nlisten = \"127.0.0.1:{port}\"\n\n{lanes}\n\
                  [uplink]\nendpoints = [{eps}]\nserver_name = \"voither-hub\"\nca = \"{p}/ca.pem\"\ncert = \"{p}/{id}.pem\"\nkey = \"{p}/{id}.key\"\n\
                  keep_alive_ms = 500\nidle_timeout_ms = 3000\nconnect_timeout_ms = 3000\nbackoff_min_ms = 100\nbackoff_max_ms = 1000\n\n\
                  [admin]\nlisten = \"{admin}\"\n{extra}",
@@ -363,6 +385,7 @@ impl Gateway {
                 eps = endpoints.join(", "),
                 p = pki.dir.display(),
                 extra = o.extra,
+                lanes = if o.lanes.is_empty() { DEFAULT_LANES } else { &o.lanes },
             ),
         )
         .expect("gateway.toml");
@@ -380,6 +403,11 @@ impl Gateway {
         let ok = wait_for(Duration::from_secs(20), || http_get(admin, "/readyz").ok().filter(|(s, _)| *s == 200));
         assert!(ok.is_some() && p.running(), "gateway did not become ready\n{}", p.log_tail());
         self.proc = Some(p);
+        // Messages published before the subscription exists are not for this gateway:
+        // tests start publishing only once it is subscribed.
+        let subscribed =
+            wait_for(Duration::from_secs(20), || self.status().filter(|s| s["mqtt"]["subscribed"] == true).map(|_| ()));
+        assert!(subscribed.is_some(), "gateway did not subscribe to the broker\n{}", self.log_tail());
     }
 
     /// SIGKILL.
@@ -440,11 +468,12 @@ pub struct Lab {
 impl Lab {
     /// Starts everything with gateway id `gw-1`.
     pub fn start() -> Lab {
-        Self::start_with("")
+        Self::start_with("", "")
     }
 
-    /// Starts everything, appending `extra` TOML to the gateway config.
-    pub fn start_with(extra: &str) -> Lab {
+    /// Starts everything; `lanes` replaces the default lanes when not empty, `extra`
+    /// TOML is appended to the gateway config.
+    pub fn start_with(lanes: &str, extra: &str) -> Lab {
         let dir = tempfile::Builder::new().prefix("voither-lab-").tempdir().expect("tempdir");
         let mosquitto = Mosquitto::start(&dir.path().join("mosquitto"));
         let pki = Pki::generate(&dir.path().join("pki"), &["gw-1"]);
@@ -458,6 +487,7 @@ impl Lab {
                 embedded_broker: false,
                 endpoints: vec![hub.addr],
                 extra: extra.into(),
+                lanes: lanes.into(),
             },
         );
         Lab { gateway, hub, mosquitto, pki, dir }

@@ -6,7 +6,9 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
-use voither_tests::procs::{bin, free_tcp_port, free_udp_port, wait_for, Lab, Pki};
+use voither_tests::procs::{
+    bin, free_tcp_port, free_udp_port, output_within, wait_for, Gateway, GatewayOpts, Lab, Pki,
+};
 
 fn gateway_config(dir: &std::path::Path, pki: &Pki, extra: &str) -> std::path::PathBuf {
     let p = dir.join("gateway.toml");
@@ -36,7 +38,10 @@ fn bad_config_exits_64_naming_file_and_key() {
     for (extra, key) in cases {
         let cfg = gateway_config(dir.path(), &pki, extra);
         for sub in ["check-config", "run"] {
-            let out = Command::new(bin("voither-gateway")).args([sub, "--config"]).arg(&cfg).output().unwrap();
+            let out = output_within(
+                Command::new(bin("voither-gateway")).args([sub, "--config"]).arg(&cfg),
+                Duration::from_secs(30),
+            );
             let err = String::from_utf8_lossy(&out.stderr);
             assert_eq!(out.status.code(), Some(64), "{sub} {key}: {err}");
             assert!(
@@ -47,7 +52,10 @@ fn bad_config_exits_64_naming_file_and_key() {
     }
     let hub_cfg = dir.path().join("hub.toml");
     std::fs::write(&hub_cfg, "[tls]\nca = \"a\"\ncert = \"b\"\nkey = \"c\"\n[sink]\nkind = \"s3\"\n").unwrap();
-    let out = Command::new(bin("voither-hub")).args(["check-config", "--config"]).arg(&hub_cfg).output().unwrap();
+    let out = output_within(
+        Command::new(bin("voither-hub")).args(["check-config", "--config"]).arg(&hub_cfg),
+        Duration::from_secs(30),
+    );
     assert_eq!(out.status.code(), Some(64));
     assert!(String::from_utf8_lossy(&out.stderr).contains("sink.kind"));
 }
@@ -59,26 +67,82 @@ fn world_readable_key_is_refused_with_the_fix() {
     let key = pki.dir.join("gw-1.key");
     std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
     let cfg = gateway_config(dir.path(), &pki, "");
-    let out = Command::new(bin("voither-gateway")).args(["run", "--config"]).arg(&cfg).output().unwrap();
+    let out = output_within(
+        Command::new(bin("voither-gateway")).args(["run", "--config"]).arg(&cfg),
+        Duration::from_secs(30),
+    );
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(err.contains("gw-1.key") && err.contains("chmod 600"), "{err}");
 }
 
+fn junk() -> Vec<u8> {
+    (0..65_536u32).map(|i| (i * 7 + 3) as u8).collect()
+}
+
 #[test]
-fn corrupt_store_is_refused_and_left_for_inspection() {
+fn corrupt_store_is_refused_when_configured_so_and_left_untouched() {
     let dir = tempfile::tempdir().unwrap();
     let pki = Pki::generate(&dir.path().join("pki"), &["gw-1"]);
-    let cfg = gateway_config(dir.path(), &pki, "");
+    let cfg = gateway_config(dir.path(), &pki, "[store]\non_corrupt = \"refuse\"\n");
     std::fs::create_dir_all(dir.path().join("data")).unwrap();
     let store = dir.path().join("data/store.redb");
-    let junk: Vec<u8> = (0..65_536u32).map(|i| (i * 7 + 3) as u8).collect();
-    std::fs::write(&store, &junk).unwrap();
-    let out = Command::new(bin("voither-gateway")).args(["run", "--config"]).arg(&cfg).output().unwrap();
+    std::fs::write(&store, junk()).unwrap();
+    let out = output_within(
+        Command::new(bin("voither-gateway")).args(["run", "--config"]).arg(&cfg),
+        Duration::from_secs(30),
+    );
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(err.contains("cannot open store") && err.contains("store.redb"), "{err}");
-    assert_eq!(std::fs::read(&store).unwrap(), junk, "the corrupt file is not touched");
+    assert_eq!(std::fs::read(&store).unwrap(), junk(), "the corrupt file is not touched");
+    // `store check` says the same without changing anything.
+    let out = output_within(
+        Command::new(bin("voither-gateway")).args(["store", "check", "--config"]).arg(&cfg),
+        Duration::from_secs(30),
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("store.redb"));
+    assert_eq!(std::fs::read(&store).unwrap(), junk());
+}
+
+#[test]
+fn corrupt_store_is_moved_aside_and_a_fresh_one_started() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::generate(&dir.path().join("pki"), &["gw-1"]);
+    let data = dir.path().join("gw/data");
+    std::fs::create_dir_all(&data).unwrap();
+    std::fs::write(data.join("store.redb"), junk()).unwrap();
+    let port = free_tcp_port();
+    let mut gw = Gateway::start(
+        &dir.path().join("gw"),
+        &pki,
+        &GatewayOpts {
+            id: "gw-1".into(),
+            mqtt_port: port,
+            embedded_broker: true,
+            endpoints: vec![format!("127.0.0.1:{}", free_udp_port()).parse().unwrap()],
+            extra: String::new(),
+            lanes: String::new(),
+        },
+    );
+    assert_eq!(gw.metric("voither_gateway_store_corrupt_moved_total"), Some(1.0));
+    let aside: Vec<_> = std::fs::read_dir(&data)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with("store.redb.corrupt-"))
+        .collect();
+    assert_eq!(aside.len(), 1, "the corrupt file is kept under a new name");
+    assert_eq!(std::fs::read(aside[0].path()).unwrap(), junk(), "and never changed");
+    gw.stop();
+    let out = output_within(
+        Command::new(bin("voither-gateway")).args(["store", "check", "--config"]).arg(&gw.config),
+        Duration::from_secs(30),
+    );
+    assert!(out.status.success(), "the fresh store is healthy: {}", String::from_utf8_lossy(&out.stderr));
+    let rep: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(rep["problems"].as_array().unwrap().len(), 0);
+    assert_eq!(rep["lanes"].as_array().unwrap().len(), 2);
 }
 
 #[test]

@@ -90,6 +90,7 @@ fn gateway_process_with_a_foreign_certificate_is_refused_and_keeps_its_data() {
             embedded_broker: true,
             endpoints: vec![s.hub.addr],
             extra: String::new(),
+            lanes: String::new(),
         },
     );
     let rt = tokio::runtime::Runtime::new().unwrap();

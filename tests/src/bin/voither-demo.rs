@@ -63,6 +63,7 @@ fn main() -> ExitCode {
             embedded_broker: true,
             endpoints: vec![hub.addr],
             extra: String::new(),
+            lanes: String::new(),
         },
     );
     println!("    admin http://{}  (/status /metrics /healthz /readyz)", gw.admin);

@@ -94,8 +94,15 @@ fn main() -> ExitCode {
                 }
             };
             let text = match export {
-                Some(p) => std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("cannot read {}: {e}", p.display())),
-                None => std::io::read_to_string(std::io::stdin()).expect("stdin"),
+                Some(p) => std::fs::read_to_string(&p).map_err(|e| format!("cannot read {}: {e}", p.display())),
+                None => std::io::read_to_string(std::io::stdin()).map_err(|e| format!("cannot read stdin: {e}")),
+            };
+            let text = match text {
+                Ok(t) => t,
+                Err(e) => {
+                    eprintln!("voither-sim: {e}");
+                    return ExitCode::from(1);
+                }
             };
             let rows = match voither_tests::check::parse_export(&text) {
                 Ok(r) => r,
