@@ -73,6 +73,7 @@ pub async fn run(cfg: Config, shutdown: impl std::future::Future<Output = ()>) -
         metrics: Arc::new(metrics::Metrics::new()),
         fleet: Mutex::new(HashMap::new()),
         max_connections: cfg.hub.max_connections,
+        commits: Default::default(),
     });
     let listener = tokio::net::TcpListener::bind(cfg.admin.listen).await.map_err(|source| StartError::Bind {
         addr: cfg.admin.listen,

@@ -54,6 +54,8 @@ pub struct Hub {
     pub fleet: Mutex<HashMap<String, FleetEntry>>,
     /// Most gateway connections at once (`hub.max_connections`).
     pub max_connections: u32,
+    /// Sink commits since start.
+    pub commits: std::sync::atomic::AtomicU64,
 }
 
 fn unix_ms() -> u64 {
@@ -88,6 +90,23 @@ impl ConnError {
             ConnError::Sink(_) => error_code::INTERNAL,
             _ => error_code::NONE,
         }
+    }
+}
+
+/// Test hook: with `VOITHER_HUB_FAILPOINT=exit-after-commit:N` the hub exits (code 86)
+/// right after its N-th sink commit, before the ack is sent: the crash window that
+/// effectively-once delivery must survive. Read once at start; unset in production.
+fn failpoint_after_commit(commits: &std::sync::atomic::AtomicU64) {
+    static AT: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
+    let at = AT.get_or_init(|| {
+        std::env::var("VOITHER_HUB_FAILPOINT")
+            .ok()
+            .and_then(|v| v.strip_prefix("exit-after-commit:").and_then(|n| n.parse().ok()))
+    });
+    let n = commits.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+    if *at == Some(n) {
+        tracing::error!(commit = n, "Failpoint exit-after-commit reached: exiting before the ack.");
+        std::process::exit(86);
     }
 }
 
@@ -248,6 +267,7 @@ async fn session(
                 e.stored_records += stats.records;
                 e.last_seen_ms = unix_ms();
             }
+            failpoint_after_commit(&hub.commits);
             for r in reqs {
                 sess.stored(&r.lane, r.through_seq);
             }

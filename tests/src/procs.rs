@@ -236,6 +236,8 @@ pub struct Hub {
     pub addr: SocketAddr,
     /// Admin address.
     pub admin: SocketAddr,
+    /// Extra environment for the next (re)start, e.g. `VOITHER_HUB_FAILPOINT`.
+    pub env: Vec<(String, String)>,
     dir: PathBuf,
 }
 
@@ -256,7 +258,7 @@ impl Hub {
             ),
         )
         .expect("hub.toml");
-        let mut h = Hub { proc: None, config, addr, admin, dir: dir.into() };
+        let mut h = Hub { proc: None, config, addr, admin, env: Vec::new(), dir: dir.into() };
         h.restart();
         h
     }
@@ -265,6 +267,7 @@ impl Hub {
     pub fn restart(&mut self) {
         let mut cmd = Command::new(bin("voither-hub"));
         cmd.arg("run").arg("--config").arg(&self.config).env("RUST_LOG", "info,quinn=warn");
+        cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
         let mut p = Proc::spawn("hub", cmd, self.dir.join("hub.log"));
         let admin = self.admin;
         let ok = wait_for(Duration::from_secs(20), || http_get(admin, "/healthz").ok().filter(|(s, _)| *s == 200));
@@ -284,6 +287,21 @@ impl Hub {
         if let Some(mut p) = self.proc.take() {
             p.terminate(Duration::from_secs(10));
         }
+    }
+
+    /// Waits until the hub process exits by itself (a failpoint) and returns its code.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        let p = self.proc.as_mut()?;
+        let end = Instant::now() + timeout;
+        while p.running() {
+            if Instant::now() > end {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let code = p.wait().and_then(|s| s.code());
+        self.proc = None;
+        code
     }
 
     /// `voither-hub export` output, parsed.
@@ -474,6 +492,12 @@ impl Lab {
     /// Starts everything; `lanes` replaces the default lanes when not empty, `extra`
     /// TOML is appended to the gateway config.
     pub fn start_with(lanes: &str, extra: &str) -> Lab {
+        Self::start_full(lanes, extra, |hub| hub)
+    }
+
+    /// Like [`Lab::start_with`]; `endpoint` maps the hub's address to the one the
+    /// gateway is given (for example a fault proxy in front of the hub).
+    pub fn start_full(lanes: &str, extra: &str, endpoint: impl FnOnce(SocketAddr) -> SocketAddr) -> Lab {
         let dir = tempfile::Builder::new().prefix("voither-lab-").tempdir().expect("tempdir");
         let mosquitto = Mosquitto::start(&dir.path().join("mosquitto"));
         let pki = Pki::generate(&dir.path().join("pki"), &["gw-1"]);
@@ -485,7 +509,7 @@ impl Lab {
                 id: "gw-1".into(),
                 mqtt_port: mosquitto.port,
                 embedded_broker: false,
-                endpoints: vec![hub.addr],
+                endpoints: vec![endpoint(hub.addr)],
                 extra: extra.into(),
                 lanes: lanes.into(),
             },
