@@ -56,6 +56,9 @@ async fn healthz(State(s): State<Arc<AdminState>>) -> Response {
 }
 
 async fn readyz(State(s): State<Arc<AdminState>>) -> Response {
+    if let Some(why) = s.store.degraded() {
+        return (StatusCode::SERVICE_UNAVAILABLE, format!("store cannot write: {why}\n")).into_response();
+    }
     if s.ready.load(Ordering::Acquire) {
         (StatusCode::OK, "ready\n").into_response()
     } else {
@@ -75,6 +78,7 @@ pub fn refresh_gauges(s: &AdminState) -> Result<Vec<crate::store::LaneStats>, cr
         s.metrics.oldest_unsynced_age.get_or_create(&l).set(age);
     }
     s.metrics.store_disk_bytes.set(s.store.file_size() as i64);
+    s.metrics.store_degraded.set(i64::from(s.store.degraded().is_some()));
     Ok(stats)
 }
 
@@ -121,6 +125,7 @@ struct StatusView {
     store_path: String,
     store_disk_bytes: u64,
     store_budget_bytes: u64,
+    store_error: Option<String>,
     held_messages: i64,
     mqtt: MqttView,
     lanes: Vec<LaneView>,
@@ -170,6 +175,7 @@ async fn status(State(s): State<Arc<AdminState>>) -> Response {
         store_path: s.store.path().display().to_string(),
         store_disk_bytes: s.store.file_size(),
         store_budget_bytes: s.store_budget,
+        store_error: s.store.degraded(),
         held_messages: s.metrics.held_messages.get(),
         mqtt: MqttView {
             connected: s.heartbeat.mqtt_connected.load(Ordering::Relaxed),

@@ -49,6 +49,8 @@ pub struct Metrics {
     pub held_messages: Gauge,
     /// Store files found corrupt at start and moved aside.
     pub store_corrupt_moved: Counter,
+    /// 1 while the store cannot write (disk full, I/O error).
+    pub store_degraded: Gauge,
     /// Hub sessions that ended with a protocol or frame error.
     pub uplink_protocol_errors: Counter,
     /// MQTT redeliveries recognised as already stored.
@@ -95,6 +97,7 @@ impl Metrics {
             evicted_bytes: Family::default(),
             held_messages: Gauge::default(),
             store_corrupt_moved: Counter::default(),
+            store_degraded: Gauge::default(),
             uplink_protocol_errors: Counter::default(),
             backlog_records: Family::default(),
             backlog_bytes: Family::default(),
@@ -128,6 +131,11 @@ impl Metrics {
             "store_corrupt_moved",
             "Store files found corrupt at start and moved aside",
             m.store_corrupt_moved.clone(),
+        );
+        registry.register(
+            "store_degraded",
+            "1 while the store cannot write (disk full or I/O error); ingest holds the broker",
+            m.store_degraded.clone(),
         );
         registry.register(
             "uplink_protocol_errors",

@@ -65,6 +65,13 @@ pub enum StoreError {
     /// A transaction failed.
     #[error("store transaction failed: {0}")]
     Io(String),
+    /// The file system failed (disk full, I/O error); the store reopens the file and
+    /// the caller retries later. Nothing was committed.
+    #[error("store disk error: {0}")]
+    Disk(String),
+    /// The store file could not be reopened after a disk error yet.
+    #[error("store unavailable after a disk error: {0}")]
+    Unavailable(String),
     /// A stored row could not be decoded.
     #[error("corrupt record in lane {lane} at seq {seq}: {message}")]
     Corrupt {
@@ -173,7 +180,14 @@ macro_rules! io_err {
     ($($t:ty),*) => {$(
         impl From<$t> for StoreError {
             fn from(e: $t) -> Self {
-                StoreError::Io(e.to_string())
+                let m = e.to_string();
+                // redb reports file-system failures (ENOSPC, EIO) as "I/O error" and, after
+                // one, refuses further writes until the database is reopened.
+                if m.contains("I/O error") {
+                    StoreError::Disk(m)
+                } else {
+                    StoreError::Io(m)
+                }
             }
         }
     )*};
@@ -231,9 +245,13 @@ struct LaneMeta {
 /// The store. Calls block on disk I/O: call them from a blocking thread.
 #[derive(Debug)]
 pub struct Store {
-    /// Read-locked by every operation, write-locked only to compact.
-    db: RwLock<Database>,
+    /// Read-locked by every operation, write-locked only to compact or to reopen after
+    /// a disk error (then `None` until the reopen succeeds).
+    db: RwLock<Option<Database>>,
     path: PathBuf,
+    cache_bytes: usize,
+    /// Why the store is degraded (a disk error not yet recovered from).
+    degraded: Mutex<Option<String>>,
     tables: HashMap<String, String>,
     gap_tables: HashMap<String, String>,
     specs: HashMap<String, LaneSpec>,
@@ -285,8 +303,10 @@ impl Store {
         }
         txn.commit()?;
         Ok(Self {
-            db: RwLock::new(db),
+            db: RwLock::new(Some(db)),
             path: path.into(),
+            cache_bytes,
+            degraded: Mutex::new(None),
             tables,
             gap_tables,
             specs: lanes.iter().map(|l| (l.name.clone(), l.clone())).collect(),
@@ -317,8 +337,64 @@ impl Store {
         Ok(TableDefinition::new(name))
     }
 
-    fn db(&self) -> std::sync::RwLockReadGuard<'_, Database> {
-        self.db.read().expect("store db lock")
+    /// The open database, reopening it first after a disk error.
+    fn db(&self) -> Result<std::sync::RwLockReadGuard<'_, Option<Database>>, StoreError> {
+        {
+            let g = self.db.read().expect("store db lock");
+            if g.is_some() {
+                return Ok(g);
+            }
+        }
+        {
+            let mut w = self.db.write().expect("store db lock");
+            if w.is_none() {
+                let db = Database::builder()
+                    .set_cache_size(self.cache_bytes)
+                    .create(&self.path)
+                    .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+                // Counters come back from the file: the failed transaction left no trace.
+                let txn = db.begin_read()?;
+                let t = txn.open_table(LANES)?;
+                let mut meta = self.meta.lock().expect("store meta lock");
+                for (lane, m) in meta.iter_mut() {
+                    if let Some(v) = t.get(lane.as_str())? {
+                        let (next_seq, records, bytes) = v.value();
+                        *m = LaneMeta { next_seq, records, bytes };
+                    }
+                }
+                drop(t);
+                drop(txn);
+                *w = Some(db);
+                tracing::info!(store = %self.path.display(), "Store reopened after a disk error.");
+            }
+        }
+        Ok(self.db.read().expect("store db lock"))
+    }
+
+    /// Records the outcome of a write: a disk error drops the database so the next call
+    /// reopens it (redb refuses writes after an I/O error); success clears the state.
+    fn outcome<T>(&self, r: Result<T, StoreError>) -> Result<T, StoreError> {
+        match &r {
+            Ok(_) => {
+                let mut d = self.degraded.lock().expect("degraded lock");
+                if d.take().is_some() {
+                    tracing::info!(store = %self.path.display(), "Store writes again.");
+                }
+            }
+            Err(StoreError::Disk(m)) | Err(StoreError::Unavailable(m)) => {
+                *self.degraded.lock().expect("degraded lock") = Some(m.clone());
+                if matches!(r, Err(StoreError::Disk(_))) {
+                    *self.db.write().expect("store db lock") = None;
+                }
+            }
+            Err(_) => {}
+        }
+        r
+    }
+
+    /// Why the store cannot write, while a disk error is not recovered from.
+    pub fn degraded(&self) -> Option<String> {
+        self.degraded.lock().expect("degraded lock").clone()
     }
 
     /// Evicts the oldest records of `lane` inside `txn` until `fits(bytes held)` or the
@@ -380,7 +456,13 @@ impl Store {
     /// `mqtt` lists `(packet id, message hash)` of the MQTT messages in the batch, kept
     /// for redelivery checks (invariant 5).
     pub fn append_batch(&self, records: &[NewRecord], mqtt: &[(u16, u64)]) -> Result<Appended, StoreError> {
-        let db = self.db();
+        let r = self.append_batch_inner(records, mqtt);
+        self.outcome(r)
+    }
+
+    fn append_batch_inner(&self, records: &[NewRecord], mqtt: &[(u16, u64)]) -> Result<Appended, StoreError> {
+        let guard = self.db()?;
+        let db = guard.as_ref().expect("db() returns an open database");
         let mut meta = self.meta.lock().expect("store meta lock");
         let mut next = meta.clone();
         let mut seqs = vec![0; records.len()];
@@ -476,7 +558,13 @@ impl Store {
 
     /// Evicts records older than their lane's TTL (`now_ms` is the wall clock).
     pub fn expire(&self, now_ms: u64) -> Result<Vec<Eviction>, StoreError> {
-        let db = self.db();
+        let r = self.expire_inner(now_ms);
+        self.outcome(r)
+    }
+
+    fn expire_inner(&self, now_ms: u64) -> Result<Vec<Eviction>, StoreError> {
+        let guard = self.db()?;
+        let db = guard.as_ref().expect("db() returns an open database");
         let mut meta = self.meta.lock().expect("store meta lock");
         let mut next = meta.clone();
         let mut evicted = Vec::new();
@@ -512,7 +600,7 @@ impl Store {
 
     /// The MQTT packet ids and message hashes of the latest appends (invariant 5).
     pub fn mqtt_inflight(&self) -> Result<HashMap<u16, u64>, StoreError> {
-        let txn = self.db().begin_read()?;
+        let txn = self.db()?.as_ref().expect("db() returns an open database").begin_read()?;
         let t = txn.open_table(MQTT_INFLIGHT)?;
         let mut out = HashMap::new();
         for row in t.iter()? {
@@ -532,7 +620,7 @@ impl Store {
         max_records: usize,
         max_bytes: usize,
     ) -> Result<(Vec<Record>, Vec<Gap>), StoreError> {
-        let txn = self.db().begin_read()?;
+        let txn = self.db()?.as_ref().expect("db() returns an open database").begin_read()?;
         let t = txn.open_table(self.table(lane)?)?;
         let g = txn.open_table(self.gap_table(lane)?)?;
         let mut gaps: Vec<Gap> = Vec::new();
@@ -585,7 +673,13 @@ impl Store {
     /// Deletes the records (and gaps) of `lane` through `seq`: a hub holds them.
     /// Returns how many records and bytes were deleted.
     pub fn ack_through(&self, lane: &str, seq: u64) -> Result<(u64, u64), StoreError> {
-        let db = self.db();
+        let r = self.ack_through_inner(lane, seq);
+        self.outcome(r)
+    }
+
+    fn ack_through_inner(&self, lane: &str, seq: u64) -> Result<(u64, u64), StoreError> {
+        let guard = self.db()?;
+        let db = guard.as_ref().expect("db() returns an open database");
         let mut meta = self.meta.lock().expect("store meta lock");
         let m = *meta.get(lane).ok_or_else(|| StoreError::UnknownLane(lane.into()))?;
         let mut removed = 0u64;
@@ -627,17 +721,18 @@ impl Store {
             return Ok(None);
         }
         let before = self.file_size();
-        let mut db = self.db.write().expect("store db lock");
+        let mut guard = self.db.write().expect("store db lock");
+        let Some(db) = guard.as_mut() else { return Ok(None) };
         // Holding the write lock: no transaction is open, none can start.
         while db.compact().map_err(|e| StoreError::Io(e.to_string()))? {}
-        drop(db);
+        drop(guard);
         Ok(Some((before, self.file_size())))
     }
 
     /// What each lane holds.
     pub fn stats(&self) -> Result<Vec<LaneStats>, StoreError> {
         let meta = self.meta.lock().expect("store meta lock").clone();
-        let txn = self.db().begin_read()?;
+        let txn = self.db()?.as_ref().expect("db() returns an open database").begin_read()?;
         let mut out = Vec::with_capacity(meta.len());
         for lane in self.lanes() {
             let m = meta[&lane];
@@ -674,7 +769,7 @@ impl Store {
 
     /// Number of rows of a lane, counted from the table (for checks against `stats`).
     pub fn count_rows(&self, lane: &str) -> Result<u64, StoreError> {
-        let txn = self.db().begin_read()?;
+        let txn = self.db()?.as_ref().expect("db() returns an open database").begin_read()?;
         let t = txn.open_table(self.table(lane)?)?;
         Ok(t.len()?)
     }
