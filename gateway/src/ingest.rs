@@ -23,6 +23,7 @@ use std::time::Duration;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, Publish, QoS};
 use tokio::sync::{mpsc, watch, Notify};
 use tracing::{debug, error, info, warn};
+use voither_proto::limit::LogLimiter;
 
 use crate::config::Config;
 use crate::metrics::{DropLabel, Metrics};
@@ -176,6 +177,8 @@ async fn commit_loop(
             HashMap::new()
         }
     };
+    let mut limit = LogLimiter::new(Duration::from_secs(10));
+    let started = tokio::time::Instant::now();
     // Messages of full backpressure lanes, oldest first, not acked.
     let mut held: Vec<Publish> = Vec::new();
     let mut open = true;
@@ -221,7 +224,7 @@ async fn commit_loop(
         }
         let mut candidates = std::mem::take(&mut held);
         candidates.extend(batch);
-        let (done, still_held) = commit(&cfg, &store, &metrics, &mut inflight, candidates).await;
+        let (done, still_held) = commit(&cfg, &store, &metrics, &mut inflight, candidates, &mut limit, started).await;
         held = still_held;
         metrics.held_messages.set(held.len() as i64);
         if !done.is_empty() {
@@ -245,6 +248,8 @@ async fn commit(
     metrics: &Metrics,
     inflight: &mut HashMap<u16, u64>,
     batch: Vec<Publish>,
+    limit: &mut LogLimiter,
+    started: tokio::time::Instant,
 ) -> (Vec<Publish>, Vec<Publish>) {
     let mut cands: Vec<(Publish, String, u64)> = Vec::with_capacity(batch.len());
     let mut ack_only = Vec::new();
@@ -259,13 +264,17 @@ async fn commit(
             continue;
         }
         let Some(lane) = cfg.lane_for(&p.topic) else {
-            warn!(topic = %p.topic, "Message matches no lane, dropped.");
+            if let Some(suppressed) = limit.allow("unrouted", started.elapsed()) {
+                warn!(topic = %p.topic, suppressed, "Message matches no lane, dropped.");
+            }
             metrics.dropped_records.get_or_create(&DropLabel { lane: String::new(), reason: "unrouted".into() }).inc();
             ack_only.push(Publish { payload: Default::default(), ..p });
             continue;
         };
         if p.payload.len() > cfg.mqtt.max_payload_bytes {
-            warn!(topic = %p.topic, bytes = p.payload.len(), limit = cfg.mqtt.max_payload_bytes, "Payload over mqtt.max_payload_bytes, dropped.");
+            if let Some(suppressed) = limit.allow("oversize", started.elapsed()) {
+                warn!(topic = %p.topic, bytes = p.payload.len(), limit = cfg.mqtt.max_payload_bytes, suppressed, "Payload over mqtt.max_payload_bytes, dropped.");
+            }
             metrics
                 .dropped_records
                 .get_or_create(&DropLabel { lane: lane.name.clone(), reason: "oversize".into() })

@@ -74,6 +74,8 @@ pub async fn run(cfg: Config, shutdown: impl std::future::Future<Output = ()>) -
         fleet: Mutex::new(HashMap::new()),
         max_connections: cfg.hub.max_connections,
         commits: Default::default(),
+        log_limit: Mutex::new(voither_proto::limit::LogLimiter::new(Duration::from_secs(10))),
+        started: tokio::time::Instant::now(),
     });
     let listener = tokio::net::TcpListener::bind(cfg.admin.listen).await.map_err(|source| StartError::Bind {
         addr: cfg.admin.listen,

@@ -1,9 +1,18 @@
 //! Prometheus metrics of the hub, in the `voither_hub_` namespace.
 
+use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
+
+/// Label set `{kind}`.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabel {
+    /// `frame` (malformed or oversized), `protocol` (a frame out of place), `sink`, `other`.
+    pub kind: String,
+}
 
 /// Every metric the hub exports.
 #[derive(Debug)]
@@ -23,6 +32,8 @@ pub struct Metrics {
     pub duplicate_records: Counter,
     /// Sink commit time.
     pub commit_seconds: Histogram,
+    /// Gateway sessions closed because of an error, by kind.
+    pub session_errors: Family<KindLabel, Counter>,
 }
 
 impl Default for Metrics {
@@ -44,6 +55,7 @@ impl Metrics {
             stored_bytes: Counter::default(),
             duplicate_records: Counter::default(),
             commit_seconds: Histogram::new(exponential_buckets(0.000_25, 2.0, 14)),
+            session_errors: Family::default(),
         };
         registry.register("connections", "Gateway connections accepted", m.connections.clone());
         registry.register("connected_gateways", "Gateways connected now", m.connected.clone());
@@ -56,6 +68,11 @@ impl Metrics {
             m.duplicate_records.clone(),
         );
         registry.register("sink_commit_seconds", "Sink commit time", m.commit_seconds.clone());
+        registry.register(
+            "session_errors",
+            "Gateway sessions closed because of an error (frame, protocol, sink)",
+            m.session_errors.clone(),
+        );
         Self { registry, ..m }
     }
 

@@ -56,6 +56,10 @@ pub struct Hub {
     pub max_connections: u32,
     /// Sink commits since start.
     pub commits: std::sync::atomic::AtomicU64,
+    /// Rate limit of log lines about misbehaving peers.
+    pub log_limit: Mutex<voither_proto::limit::LogLimiter>,
+    /// Start time, for the rate limiter.
+    pub started: tokio::time::Instant,
 }
 
 fn unix_ms() -> u64 {
@@ -132,7 +136,10 @@ pub async fn serve(hub: Arc<Hub>, endpoint: quinn::Endpoint, shutdown: watch::Re
                 Ok(c) => c,
                 Err(e) => {
                     hub.metrics.refused_handshakes.inc();
-                    warn!(%remote, error = %e, "Handshake refused.");
+                    let now = hub.started.elapsed();
+                    if let Some(suppressed) = hub.log_limit.lock().expect("limit lock").allow("handshake", now) {
+                        warn!(%remote, error = %e, suppressed, "Handshake refused.");
+                    }
                     return;
                 }
             };
@@ -178,7 +185,17 @@ async fn handle(hub: Arc<Hub>, conn: quinn::Connection, remote: SocketAddr, shut
         }
         Err(ConnError::Connection(e)) => info!(gateway = %gw, reason = %e, "Gateway connection ended."),
         Err(e) => {
-            warn!(gateway = %gw, error = %e, "Gateway session failed, closing.");
+            let kind = match &e {
+                ConnError::Decode(_) => "frame",
+                ConnError::Proto(_) => "protocol",
+                ConnError::Sink(_) => "sink",
+                _ => "other",
+            };
+            hub.metrics.session_errors.get_or_create(&crate::metrics::KindLabel { kind: kind.into() }).inc();
+            let now = hub.started.elapsed();
+            if let Some(suppressed) = hub.log_limit.lock().expect("limit lock").allow(kind, now) {
+                warn!(gateway = %gw, error = %e, suppressed, "Gateway session failed, closing.");
+            }
             conn.close(e.code().into(), e.to_string().as_bytes());
         }
     }

@@ -48,6 +48,7 @@ pub mod codec;
 pub mod frame;
 pub mod gateway;
 pub mod hub;
+pub mod limit;
 
 #[cfg(test)]
 mod tests;

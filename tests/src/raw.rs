@@ -75,3 +75,22 @@ pub fn frames(bytes: &[u8]) -> Vec<voither_proto::Frame> {
     }
     v
 }
+
+/// A bare QUIC server with the hub's certificate from a lab PKI folder, for tests that
+/// need a hub that misbehaves. Client certificates are not asked for.
+pub fn server(pki: &Path) -> quinn::Endpoint {
+    let chain = certs(&pki.join("hub.pem"));
+    let data = std::fs::read(pki.join("hub.key")).expect("key file");
+    let key = rustls_pemfile::private_key(&mut data.as_slice()).expect("PEM").expect("a key");
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .expect("TLS 1.3")
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .expect("server cert");
+    tls.alpn_protocols = vec![voither_proto::ALPN.to_vec()];
+    let quic = quinn::crypto::rustls::QuicServerConfig::try_from(tls).expect("QUIC TLS");
+    let cfg = quinn::ServerConfig::with_crypto(Arc::new(quic));
+    quinn::Endpoint::server(cfg, "127.0.0.1:0".parse().expect("addr")).expect("endpoint")
+}
