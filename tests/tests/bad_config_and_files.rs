@@ -171,3 +171,39 @@ fn oversized_mqtt_payload_is_counted_and_does_not_block_the_rest() {
     let rep = lab.wait_delivered(&report.acked, Duration::from_secs(60));
     assert!(rep.ok() && rep.found == 200, "{}", rep.summary());
 }
+
+#[test]
+fn message_on_a_topic_no_lane_maps_is_counted_acked_and_dropped() {
+    // A lane for `legacy/#` existed; the broker's persistent session still has that
+    // subscription after the lane is removed from the config.
+    let mut lab = Lab::start_with(
+        "[[lanes]]\nname = \"telemetry\"\ntopics = [\"devices/#\"]\n[[lanes]]\nname = \"legacy\"\ntopics = [\"legacy/#\"]\n",
+        "",
+    );
+    lab.gateway.stop();
+    let text = std::fs::read_to_string(&lab.gateway.config).unwrap();
+    let text = text.replace("[[lanes]]\nname = \"legacy\"\ntopics = [\"legacy/#\"]\n", "");
+    std::fs::write(&lab.gateway.config, text).unwrap();
+    lab.gateway.restart();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let opts = rumqttc::MqttOptions::new("legacy-sender", "127.0.0.1", lab.mosquitto.port);
+        let (c, mut ev) = rumqttc::AsyncClient::new(opts, 10);
+        c.publish("legacy/1", rumqttc::QoS::AtLeastOnce, false, b"old".to_vec()).await.unwrap();
+        loop {
+            if let rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_)) = ev.poll().await.unwrap() {
+                break;
+            }
+        }
+    });
+    let unrouted = wait_for(Duration::from_secs(20), || {
+        lab.gateway.metric("voither_gateway_dropped_records_total").filter(|n| *n >= 1.0)
+    });
+    assert!(unrouted.is_some(), "the unmapped message is counted\n{}", lab.logs());
+    // Devices on mapped topics are not held up.
+    let cfg =
+        voither_tests::sim::SimConfig { port: lab.mosquitto.port, devices: 2, messages: 50, ..Default::default() };
+    let report = rt.block_on(voither_tests::sim::run(cfg, Arc::default()));
+    let rep = lab.wait_delivered(&report.acked, Duration::from_secs(60));
+    assert!(rep.ok() && rep.found == 100, "{}", rep.summary());
+}

@@ -142,6 +142,37 @@ fn malformed_and_oversized_frames_close_the_stream_and_nothing_else() {
     let frames = raw::frames(&got);
     assert!(matches!(frames.last(), Some(Frame::Error(e)) if e.code == error_code::PROTOCOL), "{frames:?}");
 
+    // A stream that ends in the middle of a frame.
+    let mut truncated = Vec::new();
+    encode_frame(
+        &Frame::Hello(Hello {
+            protocol_version: PROTOCOL_VERSION,
+            agent_version: "raw".into(),
+            boot_id: 2,
+            lanes: vec![],
+            capabilities: vec![],
+        }),
+        &mut truncated,
+        MAX_FRAME_LEN,
+    )
+    .unwrap();
+    truncated.truncate(truncated.len() - 3);
+    rt.block_on(async {
+        let conn = ep.connect(s.hub.addr, "voither-hub").unwrap().await.unwrap();
+        let (mut send, mut recv) = conn.open_bi().await.unwrap();
+        send.write_all(&truncated).await.unwrap();
+        send.finish().unwrap();
+        let mut buf = vec![0u8; 4096];
+        let _ = recv.read(&mut buf).await;
+    });
+    let frame_errors =
+        wait_for(Duration::from_secs(10), || s.hub.metric("voither_hub_session_errors_total").filter(|n| *n >= 3.0));
+    assert!(
+        frame_errors.is_some(),
+        "malformed, oversized, out-of-place and truncated input are counted\n{}",
+        s.hub.log_tail()
+    );
+
     // The hub is still up and serves a proper session.
     let (got, _) = rt.block_on(async {
         let conn = ep.connect(s.hub.addr, "voither-hub").unwrap().await.unwrap();
