@@ -78,6 +78,8 @@ pub fn refresh_gauges(s: &AdminState) -> Result<Vec<crate::store::LaneStats>, cr
         s.metrics.oldest_unsynced_age.get_or_create(&l).set(age);
     }
     s.metrics.store_disk_bytes.set(s.store.file_size() as i64);
+    s.metrics.store_budget_bytes.set(s.store_budget as i64);
+    s.metrics.store_used_bytes.set(stats.iter().map(|l| l.bytes).sum::<u64>() as i64);
     s.metrics.store_degraded.set(i64::from(s.store.degraded().is_some()));
     Ok(stats)
 }

@@ -71,6 +71,10 @@ pub struct Metrics {
     pub store_commit_seconds: Histogram,
     /// Size of the store file.
     pub store_disk_bytes: Gauge,
+    /// The store's budget (`store.max_bytes`, or the sum of the lane budgets).
+    pub store_budget_bytes: Gauge,
+    /// Bytes of records held over all lanes (what the budget limits).
+    pub store_used_bytes: Gauge,
     /// MQTT connection errors.
     pub mqtt_errors: Counter,
 }
@@ -107,6 +111,8 @@ impl Metrics {
             uplink_sent_bytes: Counter::default(),
             store_commit_seconds: Histogram::new(exponential_buckets(0.000_25, 2.0, 14)),
             store_disk_bytes: Gauge::default(),
+            store_budget_bytes: Gauge::default(),
+            store_used_bytes: Gauge::default(),
             mqtt_errors: Counter::default(),
             registry: Registry::default(),
         };
@@ -167,6 +173,12 @@ impl Metrics {
             m.store_commit_seconds.clone(),
         );
         registry.register("store_disk_bytes", "Size of the store file", m.store_disk_bytes.clone());
+        registry.register(
+            "store_budget_bytes",
+            "Most bytes of records the store holds (store.max_bytes or the sum of lane budgets)",
+            m.store_budget_bytes.clone(),
+        );
+        registry.register("store_used_bytes", "Bytes of records held over all lanes", m.store_used_bytes.clone());
         registry.register("mqtt_errors", "MQTT connection errors", m.mqtt_errors.clone());
         Self { registry, ..m }
     }

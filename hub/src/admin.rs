@@ -23,6 +23,13 @@ pub fn router(hub: Arc<Hub>) -> Router {
 }
 
 async fn metrics(State(h): State<Arc<Hub>>) -> Response {
+    {
+        let fleet = h.fleet.lock().expect("fleet lock");
+        for state in ["connected", "disconnected"] {
+            let n = fleet.values().filter(|e| e.state == state).count();
+            h.metrics.gateways.get_or_create(&crate::metrics::StateLabel { state: state.into() }).set(n as i64);
+        }
+    }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], h.metrics.encode()).into_response()
 }
 

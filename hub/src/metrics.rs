@@ -34,6 +34,19 @@ pub struct Metrics {
     pub commit_seconds: Histogram,
     /// Gateway sessions closed because of an error, by kind.
     pub session_errors: Family<KindLabel, Counter>,
+    /// Evicted ranges recorded as gaps.
+    pub gaps: Counter,
+    /// Records covered by recorded gaps (lost at the edge, by design and counted).
+    pub gap_records: Counter,
+    /// Gateways known to this hub, by state (`connected`, `disconnected`).
+    pub gateways: Family<StateLabel, Gauge>,
+}
+
+/// Label set `{state}`.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StateLabel {
+    /// `connected` or `disconnected`.
+    pub state: String,
 }
 
 impl Default for Metrics {
@@ -56,6 +69,9 @@ impl Metrics {
             duplicate_records: Counter::default(),
             commit_seconds: Histogram::new(exponential_buckets(0.000_25, 2.0, 14)),
             session_errors: Family::default(),
+            gaps: Counter::default(),
+            gap_records: Counter::default(),
+            gateways: Family::default(),
         };
         registry.register("connections", "Gateway connections accepted", m.connections.clone());
         registry.register("connected_gateways", "Gateways connected now", m.connected.clone());
@@ -68,6 +84,9 @@ impl Metrics {
             m.duplicate_records.clone(),
         );
         registry.register("sink_commit_seconds", "Sink commit time", m.commit_seconds.clone());
+        registry.register("gaps", "Evicted ranges recorded as gaps", m.gaps.clone());
+        registry.register("gap_records", "Records covered by recorded gaps", m.gap_records.clone());
+        registry.register("gateways", "Gateways known to this hub since it started, by state", m.gateways.clone());
         registry.register(
             "session_errors",
             "Gateway sessions closed because of an error (frame, protocol, sink)",

@@ -35,6 +35,10 @@ pub struct FleetEntry {
     pub region: String,
     /// Records the gateway still holds, from its last status.
     pub backlog_records: u64,
+    /// Age of its oldest unsynced record, from its last status (ms).
+    pub oldest_unsynced_age_ms: u64,
+    /// Its uptime, from its last status (s).
+    pub uptime_s: u64,
     /// Bytes the gateway still holds, from its last status.
     pub backlog_bytes: u64,
     /// Records stored at this hub from this gateway since the hub started.
@@ -261,6 +265,9 @@ async fn session(
                     if let Some(e) = hub.fleet.lock().expect("fleet lock").get_mut(gw) {
                         e.backlog_records = s.lanes.iter().map(|l| l.backlog_records).sum();
                         e.backlog_bytes = s.lanes.iter().map(|l| l.backlog_bytes).sum();
+                        e.oldest_unsynced_age_ms = s.lanes.iter().map(|l| l.oldest_unsynced_age_ms).max().unwrap_or(0);
+                        e.uptime_s = s.uptime_s;
+                        e.last_seen_ms = unix_ms();
                     }
                 }
             }
@@ -280,6 +287,8 @@ async fn session(
             hub.metrics.stored_records.inc_by(stats.records);
             hub.metrics.stored_bytes.inc_by(stats.bytes);
             hub.metrics.duplicate_records.inc_by(stats.duplicates);
+            hub.metrics.gaps.inc_by(stats.gaps);
+            hub.metrics.gap_records.inc_by(stats.gap_records);
             if let Some(e) = hub.fleet.lock().expect("fleet lock").get_mut(gw) {
                 e.stored_records += stats.records;
                 e.last_seen_ms = unix_ms();

@@ -78,6 +78,10 @@ pub struct CommitStats {
     pub bytes: u64,
     /// Records skipped because they were at or below the mark already.
     pub duplicates: u64,
+    /// Gap ranges recorded.
+    pub gaps: u64,
+    /// Records those gaps cover.
+    pub gap_records: u64,
 }
 
 /// One exported row.
@@ -201,6 +205,8 @@ impl Sink {
                     }
                     let from = g.from_seq.max(mark + 1);
                     gaps.insert((gateway, lane, from), (g.through_seq, reason_code(g.reason)))?;
+                    stats.gaps += 1;
+                    stats.gap_records += g.through_seq - from + 1;
                 }
                 if req.through_seq > mark {
                     marks.insert((gateway, lane), req.through_seq)?;
