@@ -1039,6 +1039,31 @@ mod tests {
     }
 
     #[test]
+    fn truncated_file_is_detected_at_open_and_by_check() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("s.redb");
+        {
+            let s = open(&p, &lanes(), u64::MAX);
+            let big = NewRecord { payload: vec![9; 2048], ..rec("a", 0) };
+            for _ in 0..10 {
+                s.append_batch(&vec![big.clone(); 50], &[]).unwrap();
+            }
+        }
+        let len = std::fs::metadata(&p).unwrap().len();
+        let f = std::fs::OpenOptions::new().write(true).open(&p).unwrap();
+        f.set_len(len / 3).unwrap();
+        drop(f);
+        let copy = std::fs::read(&p).unwrap();
+        // The read-only check never takes it for a healthy store.
+        let check = check(&p);
+        let healthy = matches!(&check, Ok(r) if r.problems.is_empty() && r.lanes.iter().any(|l| l.records == 500));
+        assert!(!healthy, "a store cut to a third cannot still hold all 500 records: {check:?}");
+        assert_eq!(std::fs::read(&p).unwrap(), copy, "check changes nothing");
+        let err = Store::open(&p, 1 << 20, &lanes(), u64::MAX).expect_err("a truncated store is refused at open");
+        assert!(err.is_corrupt(), "and classed as corrupt, so it is moved aside: {err}");
+    }
+
+    #[test]
     fn message_hash_tells_topic_from_payload() {
         assert_ne!(message_hash("a", b"bc"), message_hash("ab", b"c"));
         assert_eq!(message_hash("t", b"x"), message_hash("t", b"x"));
