@@ -24,7 +24,10 @@ echo "==> cargo fmt --check"
 cargo fmt --all --check
 echo "==> cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
+cargo clippy -p voither-gateway --features sensors --all-targets --locked -- -D warnings
 echo "==> cargo build (binaries used by the end-to-end tests)"
 cargo build --workspace --bins --locked
 echo "==> cargo test"
 cargo test --workspace --locked -- --test-threads=2
+echo "==> cargo test (gateway with the sensors feature)"
+cargo test -p voither-gateway --features sensors --locked

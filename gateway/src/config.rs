@@ -33,6 +33,12 @@
 //!
 //! [admin]
 //! listen = "127.0.0.1:9100"
+//!
+//! [[sensors]]         # read by the gateway itself (feature `sensors`)
+//! name = "sensor/room-1"
+//! kind = "sht3x"
+//! bus = "/dev/i2c-1"
+//! lane = "telemetry"
 //! ```
 
 use std::collections::HashMap;
@@ -103,6 +109,11 @@ pub struct Config {
     /// Logging.
     #[serde(default)]
     pub log: LogSection,
+    /// Sensors on the gateway's own I²C buses, polled by the gateway (cargo feature
+    /// `sensors`). Parsed and checked in every build, so one file serves every build;
+    /// a build without the feature refuses to run with sensors configured.
+    #[serde(default)]
+    pub sensors: Vec<SensorConfig>,
 }
 
 /// `[gateway]`
@@ -389,6 +400,81 @@ pub struct LogSection {
     pub json: bool,
 }
 
+/// `[[sensors]]`: one sensor on an I²C bus of the gateway itself.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SensorConfig {
+    /// Sensor id, unique: the `source` of its records (e.g. `sensor/room-1`); its hash
+    /// is the frame's `device_id`.
+    pub name: String,
+    /// Which driver reads it.
+    pub kind: SensorKind,
+    /// The I²C bus device, an absolute path such as `/dev/i2c-1`.
+    pub bus: PathBuf,
+    /// 7-bit I²C address; default per kind ([`SensorKind::default_address`]).
+    #[serde(default)]
+    pub address: Option<u8>,
+    /// Time between two readings, milliseconds.
+    #[serde(default = "default_sensor_period")]
+    pub period_ms: u64,
+    /// The lane its records go to; must be a configured lane.
+    pub lane: String,
+}
+
+impl SensorConfig {
+    /// The configured address, or the kind's default.
+    pub fn address(&self) -> u8 {
+        self.address.unwrap_or_else(|| self.kind.default_address())
+    }
+
+    /// Time between two readings.
+    pub fn period(&self) -> Duration {
+        Duration::from_millis(self.period_ms)
+    }
+}
+
+/// `sensors[].kind`: the supported sensor chips.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SensorKind {
+    /// Sensirion SHT30/SHT31/SHT35: temperature and relative humidity.
+    Sht3x,
+    /// Bosch BME280: temperature, pressure and relative humidity.
+    Bme280,
+}
+
+impl SensorKind {
+    /// The name used in the config file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SensorKind::Sht3x => "sht3x",
+            SensorKind::Bme280 => "bme280",
+        }
+    }
+
+    /// The addresses the chip can answer on (set by a pin); the first is the default.
+    pub fn addresses(self) -> [u8; 2] {
+        match self {
+            SensorKind::Sht3x => [0x44, 0x45],
+            SensorKind::Bme280 => [0x76, 0x77],
+        }
+    }
+
+    /// The address used when `address` is not set: 0x44 (SHT3x), 0x76 (BME280).
+    pub fn default_address(self) -> u8 {
+        self.addresses()[0]
+    }
+}
+
+const fn default_sensor_period() -> u64 {
+    10_000
+}
+
+/// Shortest `sensors[].period_ms`.
+pub const MIN_SENSOR_PERIOD_MS: u64 = 100;
+/// Longest `sensors[].period_ms`: one day.
+pub const MAX_SENSOR_PERIOD_MS: u64 = 86_400_000;
+
 /// Source of environment overrides; tests pass a map instead of touching the process.
 pub trait Env {
     /// The value of `key`, if set.
@@ -538,6 +624,56 @@ impl Config {
         }
         if self.store.cache_bytes < 1024 * 1024 {
             return Err(bad("store.cache_bytes", "must be at least 1 MiB".into()));
+        }
+        self.validate_sensors().map_err(|(key, message)| bad(&key, message))
+    }
+
+    /// Checks `[[sensors]]`; the error is the key and what is wrong.
+    fn validate_sensors(&self) -> Result<(), (String, String)> {
+        for (i, s) in self.sensors.iter().enumerate() {
+            let key = |field: &str| format!("sensors[{i}].{field}");
+            if s.name.is_empty() || s.name.len() > 128 || s.name.chars().any(char::is_control) {
+                return Err((
+                    key("name"),
+                    format!("{:?} must be 1 to 128 characters, none a control character", s.name),
+                ));
+            }
+            if let Some(j) = self.sensors[..i].iter().position(|o| o.name == s.name) {
+                return Err((key("name"), format!("{:?} is already the name of sensors[{j}]", s.name)));
+            }
+            if !s.bus.is_absolute() {
+                return Err((
+                    key("bus"),
+                    format!("{:?} must be an absolute device path such as \"/dev/i2c-1\"", s.bus),
+                ));
+            }
+            let addr = s.address();
+            let [a, b] = s.kind.addresses();
+            if addr != a && addr != b {
+                return Err((
+                    key("address"),
+                    format!("{addr:#04x} is not an address of a {} ({a:#04x} or {b:#04x})", s.kind.as_str()),
+                ));
+            }
+            if let Some(j) = self.sensors[..i].iter().position(|o| o.bus == s.bus && o.address() == addr) {
+                return Err((
+                    key("address"),
+                    format!("sensors[{j}] already reads address {addr:#04x} on {}", s.bus.display()),
+                ));
+            }
+            if !(MIN_SENSOR_PERIOD_MS..=MAX_SENSOR_PERIOD_MS).contains(&s.period_ms) {
+                return Err((
+                    key("period_ms"),
+                    format!("must be between {MIN_SENSOR_PERIOD_MS} and {MAX_SENSOR_PERIOD_MS} (one day)"),
+                ));
+            }
+            if !self.lanes.iter().any(|l| l.name == s.lane) {
+                let names: Vec<&str> = self.lanes.iter().map(|l| l.name.as_str()).collect();
+                return Err((
+                    key("lane"),
+                    format!("{:?} is not a configured lane (lanes: {})", s.lane, names.join(", ")),
+                ));
+            }
         }
         Ok(())
     }
@@ -703,6 +839,48 @@ key = "gw.key"
         assert_eq!(c.subscriptions(), vec!["devices/#".to_string(), "x/+".to_string()]);
         assert_eq!(c.lane_for("devices/1/alarm").unwrap().name, "a");
         assert!(filter_covers("+/+", "a/b") && !filter_covers("a/b", "+/+") && !filter_covers("a/+", "a/#"));
+    }
+
+    #[test]
+    fn sensors_parse_with_defaults() {
+        let c = Config::parse(
+            &format!(
+                "{MIN}\n[[sensors]]\nname = \"sensor/room-1\"\nkind = \"sht3x\"\nbus = \"/dev/i2c-1\"\nlane = \"telemetry\"\n\
+                 [[sensors]]\nname = \"sensor/room-2\"\nkind = \"bme280\"\nbus = \"/dev/i2c-1\"\naddress = 0x77\n\
+                 period_ms = 500\nlane = \"telemetry\"\n"
+            ),
+            Path::new("g.toml"),
+        )
+        .unwrap();
+        assert_eq!(c.sensors.len(), 2);
+        let (a, b) = (&c.sensors[0], &c.sensors[1]);
+        assert_eq!((a.kind, a.address(), a.period_ms), (SensorKind::Sht3x, 0x44, 10_000));
+        assert_eq!((b.kind, b.address(), b.period()), (SensorKind::Bme280, 0x77, Duration::from_millis(500)));
+        assert_eq!(a.bus, PathBuf::from("/dev/i2c-1"));
+        assert!(Config::parse(MIN, Path::new("g.toml")).unwrap().sensors.is_empty());
+    }
+
+    #[test]
+    fn bad_sensors_name_the_key() {
+        let sensor = |extra: &str| {
+            format!("[[sensors]]\nname = \"s1\"\nkind = \"sht3x\"\nbus = \"/dev/i2c-1\"\nlane = \"telemetry\"\n{extra}")
+        };
+        let cases = [
+            (sensor("").replace("\"s1\"", "\"\""), "sensors[0].name"),
+            (sensor("").replace("\"telemetry\"", "\"nope\""), "sensors[0].lane"),
+            (sensor("").replace("/dev/i2c-1", "i2c-1"), "sensors[0].bus"),
+            (sensor("address = 0x76\n"), "sensors[0].address"),
+            (sensor("period_ms = 99\n"), "sensors[0].period_ms"),
+            (sensor("period_ms = 86400001\n"), "sensors[0].period_ms"),
+            (format!("{}{}", sensor(""), sensor("address = 0x45\n")), "sensors[1].name"),
+            (format!("{}{}", sensor(""), sensor("").replace("\"s1\"", "\"s2\"")), "sensors[1].address"),
+            (sensor("").replace("sht3x", "dht22"), "expected `sht3x` or `bme280`"),
+            (sensor("colour = 1\n"), "colour"),
+        ];
+        for (extra, key) in cases {
+            let err = Config::parse(&format!("{MIN}\n{extra}"), Path::new("g.toml")).unwrap_err().to_string();
+            assert!(err.contains(key) && err.contains("g.toml"), "{key}: {err}");
+        }
     }
 
     #[test]

@@ -1,9 +1,10 @@
 //! VOITHER Edge gateway agent.
 //!
-//! Takes device telemetry from MQTT, keeps it durably in a bounded local store
-//! ([`store`]), and syncs it to a hub over QUIC with mutual TLS ([`uplink`]),
-//! effectively once. [`run`] wires the parts together; `main.rs` only parses the
-//! command line and calls it.
+//! Takes device telemetry from MQTT (and, with the cargo feature `sensors`, from
+//! sensors on the gateway's own I²C bus, module `sensors`), keeps it durably in a
+//! bounded local store ([`store`]), and syncs it to a hub over QUIC with mutual TLS
+//! ([`uplink`]), effectively once. [`run`] wires the parts together; `main.rs` only
+//! parses the command line and calls it.
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
@@ -14,6 +15,8 @@ pub mod broker;
 pub mod config;
 pub mod ingest;
 pub mod metrics;
+#[cfg(feature = "sensors")]
+pub mod sensors;
 pub mod store;
 pub mod tls;
 pub mod uplink;
@@ -129,6 +132,9 @@ pub enum StartError {
     /// The embedded broker was asked for but not built in.
     #[error("broker.enabled is true but this build has no embedded broker (cargo feature `embedded-broker`)")]
     NoBroker,
+    /// `[[sensors]]` are configured but sensor support was not built in.
+    #[error("sensors configured but this build has no sensor support (cargo feature `sensors`)")]
+    NoSensors,
 }
 
 /// Runs the agent until `shutdown` resolves, then drains within `grace`.
@@ -137,6 +143,9 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()>,
     grace: Duration,
 ) -> Result<(), StartError> {
+    if !cfg.sensors.is_empty() && !cfg!(feature = "sensors") {
+        return Err(StartError::NoSensors);
+    }
     let cfg = Arc::new(cfg);
     let dir = &cfg.gateway.data_dir;
     std::fs::create_dir_all(dir).map_err(|source| StartError::DataDir { path: dir.clone(), source })?;
@@ -201,6 +210,10 @@ pub async fn run(
                 .await;
         })
     };
+    #[cfg(feature = "sensors")]
+    let sensors_task = (!cfg.sensors.is_empty()).then(|| {
+        tokio::spawn(sensors::run(cfg.clone(), store.clone(), metrics.clone(), appended.clone(), stop_rx.clone()))
+    });
     let ingest_task = tokio::spawn(ingest::run(
         cfg.clone(),
         store.clone(),
@@ -237,6 +250,10 @@ pub async fn run(
     let _ = stop_tx.send(true);
     let drained = tokio::time::timeout(grace, async {
         let _ = ingest_task.await;
+        #[cfg(feature = "sensors")]
+        if let Some(t) = sensors_task {
+            let _ = t.await;
+        }
         let _ = uplink_task.await;
         let _ = admin_task.await;
         let _ = maintenance.await;
@@ -325,5 +342,32 @@ pub fn notify_systemd(state: &str) {
             Err(_) => return,
         };
         let _ = sock.send_to(state.as_bytes(), path);
+    }
+}
+
+#[cfg(all(test, not(feature = "sensors")))]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn sensors_need_the_sensors_feature() {
+        let text = r#"
+[gateway]
+data_dir = "/nonexistent/never-created"
+[uplink]
+endpoints = ["127.0.0.1:7700"]
+ca = "ca.pem"
+cert = "gw.pem"
+key = "gw.key"
+[[sensors]]
+name = "sensor/room-1"
+kind = "sht3x"
+bus = "/dev/i2c-1"
+lane = "telemetry"
+"#;
+        let cfg = Config::parse(text, std::path::Path::new("g.toml")).expect("valid without the feature too");
+        let err = run(cfg, std::future::pending(), Duration::ZERO).await.unwrap_err();
+        assert!(matches!(err, StartError::NoSensors), "{err}");
+        assert!(err.to_string().contains("cargo feature `sensors`"), "{err}");
     }
 }

@@ -25,6 +25,13 @@ pub struct DropLabel {
     pub reason: String,
 }
 
+/// Label set `{sensor}`.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SensorLabel {
+    /// Sensor name (`sensors[].name`).
+    pub sensor: String,
+}
+
 /// Every metric the gateway exports.
 #[derive(Debug)]
 pub struct Metrics {
@@ -77,6 +84,9 @@ pub struct Metrics {
     pub store_used_bytes: Gauge,
     /// MQTT connection errors.
     pub mqtt_errors: Counter,
+    /// Failed polls of a sensor on the gateway's own I²C bus (bus cannot be opened,
+    /// bus error or NACK, CRC mismatch, wrong chip), by sensor.
+    pub sensor_errors: Family<SensorLabel, Counter>,
 }
 
 impl Default for Metrics {
@@ -114,6 +124,7 @@ impl Metrics {
             store_budget_bytes: Gauge::default(),
             store_used_bytes: Gauge::default(),
             mqtt_errors: Counter::default(),
+            sensor_errors: Family::default(),
             registry: Registry::default(),
         };
         registry.register("ingested_records", "Messages received from the broker", m.ingested_records.clone());
@@ -180,6 +191,11 @@ impl Metrics {
         );
         registry.register("store_used_bytes", "Bytes of records held over all lanes", m.store_used_bytes.clone());
         registry.register("mqtt_errors", "MQTT connection errors", m.mqtt_errors.clone());
+        registry.register(
+            "sensor_errors",
+            "Failed polls of a sensor on the gateway's own I2C bus (open, bus, CRC or chip id errors)",
+            m.sensor_errors.clone(),
+        );
         Self { registry, ..m }
     }
 
@@ -210,5 +226,10 @@ impl Metrics {
     /// Label helper.
     pub fn lane(lane: &str) -> LaneLabel {
         LaneLabel { lane: lane.to_owned() }
+    }
+
+    /// Label helper for `{sensor}`.
+    pub fn sensor(sensor: &str) -> SensorLabel {
+        SensorLabel { sensor: sensor.to_owned() }
     }
 }

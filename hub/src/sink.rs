@@ -105,6 +105,10 @@ pub enum ExportRow {
         content_type: Option<String>,
         /// Payload, base64.
         payload: String,
+        /// The payload decoded as a device frame, when it decodes as one; records are
+        /// opaque, so anything else leaves this out.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        decoded: Option<DecodedFrame>,
     },
     /// A range of records evicted on the gateway before they could be sent.
     Gap {
@@ -119,6 +123,95 @@ pub enum ExportRow {
         /// `capacity` or `ttl`.
         reason: String,
     },
+}
+
+/// A device frame ([`voither_firmware::frame::Frame`]) decoded from a record's payload,
+/// for the export.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct DecodedFrame {
+    /// The device's id.
+    pub device_id: u32,
+    /// The device's frame counter.
+    pub counter: u32,
+    /// Milliseconds since the Unix epoch, 0 when the device has no clock.
+    pub timestamp_ms: u64,
+    /// The readings, in frame order.
+    pub readings: Vec<DecodedReading>,
+}
+
+/// One reading of a [`DecodedFrame`]: `value × 10^exponent` `unit`s of `quantity`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct DecodedReading {
+    /// What is measured: its name for the codes the firmware crate names
+    /// (`"temperature"`, `"relative_humidity"`, ...), else the numeric code.
+    pub quantity: Code,
+    /// The unit: its name for named codes (`"celsius"`, `"percent"`, ...), else the
+    /// numeric code.
+    pub unit: Code,
+    /// The mantissa.
+    pub value: i32,
+    /// The decimal exponent.
+    pub exponent: i8,
+}
+
+/// A quantity or unit code of a reading: a name when the code has one, else the number.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(untagged)]
+pub enum Code {
+    /// A code the firmware crate names.
+    Name(&'static str),
+    /// Any other code (for example a site-specific one, 32768 and up).
+    Number(u16),
+}
+
+impl DecodedFrame {
+    /// Decodes `payload` as a device frame; `None` if it is not exactly one.
+    pub fn from_payload(payload: &[u8]) -> Option<Self> {
+        let frame = voither_firmware::frame::Frame::decode(payload).ok()?;
+        Some(DecodedFrame {
+            device_id: frame.device_id,
+            counter: frame.counter,
+            timestamp_ms: frame.timestamp_ms,
+            readings: frame
+                .readings()
+                .iter()
+                .map(|r| DecodedReading {
+                    quantity: quantity_code(r.quantity),
+                    unit: unit_code(r.unit),
+                    value: r.value,
+                    exponent: r.exponent,
+                })
+                .collect(),
+        })
+    }
+}
+
+fn quantity_code(q: voither_firmware::frame::Quantity) -> Code {
+    use voither_firmware::frame::Quantity;
+    Code::Name(match q {
+        Quantity::UNSPECIFIED => "unspecified",
+        Quantity::TEMPERATURE => "temperature",
+        Quantity::RELATIVE_HUMIDITY => "relative_humidity",
+        Quantity::PRESSURE => "pressure",
+        Quantity::CO2 => "co2",
+        Quantity::ILLUMINANCE => "illuminance",
+        Quantity::VOLTAGE => "voltage",
+        Quantity(n) => return Code::Number(n),
+    })
+}
+
+fn unit_code(u: voither_firmware::frame::Unit) -> Code {
+    use voither_firmware::frame::Unit;
+    Code::Name(match u {
+        Unit::UNSPECIFIED => "unspecified",
+        Unit::CELSIUS => "celsius",
+        Unit::PERCENT => "percent",
+        Unit::PASCAL => "pascal",
+        Unit::PPM => "ppm",
+        Unit::LUX => "lux",
+        Unit::VOLT => "volt",
+        Unit(n) => return Code::Number(n),
+    })
 }
 
 /// The embedded sink. Calls block on disk I/O: call them from a blocking thread.
@@ -249,6 +342,7 @@ impl Sink {
                 source: r.source,
                 content_type: r.content_type,
                 payload: base64::engine::general_purpose::STANDARD.encode(r.payload.as_slice()),
+                decoded: DecodedFrame::from_payload(r.payload.as_slice()),
             };
             if !f(row) {
                 return Ok(());
@@ -321,6 +415,54 @@ mod tests {
         assert_eq!(rows.len(), 4);
         assert!(rows[3].contains("\"kind\":\"gap\"") && rows[3].contains("\"reason\":\"ttl\""), "{}", rows[3]);
         assert!(rows[0].contains("\"payload\":\"AQEBAQ==\""), "{}", rows[0]);
+    }
+
+    #[test]
+    fn export_decodes_device_frames_and_leaves_other_payloads_opaque() {
+        use voither_firmware::frame::{Frame, Quantity, Reading, Unit, MAX_ENCODED_LEN};
+        let mut frame = Frame::new(42, 7, 1_700_000_000_000);
+        frame.push(Reading::temperature_milli_celsius(21_500)).unwrap();
+        frame.push(Reading::relative_humidity_milli_percent(45_200)).unwrap();
+        frame.push(Reading::new(Quantity(40_000), Unit(40_001), -5, 2)).unwrap();
+        let mut buf = [0u8; MAX_ENCODED_LEN];
+        let len = frame.encode(&mut buf).unwrap();
+        let record = |seq: u64, payload: &[u8]| Record {
+            seq,
+            ingest_ts_ms: 5,
+            source: "devices/42/frame".into(),
+            content_type: None,
+            payload: payload.to_vec().into(),
+        };
+        // A frame with a byte cut off is not a frame any more.
+        let records =
+            vec![record(1, &buf[..len]), record(2, b"VSIM not a frame"), record(3, &buf[..len - 1]), record(4, b"")];
+        let dir = tempfile::tempdir().unwrap();
+        let s = Sink::open(&dir.path().join("sink.redb"), 1 << 20).unwrap();
+        s.commit("gw", &[StoreRequest { lane: "a".into(), records, gaps: vec![], through_seq: 4 }]).unwrap();
+        let mut rows = Vec::new();
+        s.export(None, None, |r| {
+            rows.push(serde_json::to_value(&r).unwrap());
+            true
+        })
+        .unwrap();
+        assert_eq!(rows.len(), 4);
+        assert_eq!(
+            rows[0]["decoded"],
+            serde_json::json!({
+                "device_id": 42,
+                "counter": 7,
+                "timestamp_ms": 1_700_000_000_000u64,
+                "readings": [
+                    {"quantity": "temperature", "unit": "celsius", "value": 21_500, "exponent": -3},
+                    {"quantity": "relative_humidity", "unit": "percent", "value": 45_200, "exponent": -3},
+                    {"quantity": 40_000, "unit": 40_001, "value": -5, "exponent": 2},
+                ],
+            })
+        );
+        for row in &rows[1..] {
+            assert!(row.get("decoded").is_none(), "not a frame, so no decoded field: {row}");
+            assert_eq!(row["kind"], "record");
+        }
     }
 
     #[test]

@@ -22,6 +22,10 @@ pub enum ExportRow {
         source: String,
         /// Payload, base64.
         payload: String,
+        /// The payload decoded as a device frame, when it is one (`voither-hub export`
+        /// adds it: `device_id`, `counter`, `timestamp_ms`, `readings`).
+        #[serde(default)]
+        decoded: Option<serde_json::Value>,
     },
     /// Evicted range.
     Gap {

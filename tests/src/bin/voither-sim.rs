@@ -1,7 +1,8 @@
 //! `voither-sim`: simulated devices publishing QoS 1 telemetry to an MQTT broker.
 //!
-//! Each message carries its device id and a counter; with `--acked-out FILE` the
-//! simulator writes, per device, the counters the broker acknowledged, which
+//! Each message carries its device id and a counter, in the simulator's own payload
+//! layout or, with `--frames`, as a VOITHER device frame (`voither_firmware::frame`)
+//! with deterministic readings; with `--acked-out FILE` the simulator writes, per device, the counters the broker acknowledged, which
 //! `voither-sim check` compares with a hub export.
 
 use std::path::PathBuf;
@@ -37,7 +38,7 @@ enum Cmd {
         /// Messages per second per device (0: as fast as the broker acks).
         #[arg(long, default_value_t = 0.0)]
         rate: f64,
-        /// Payload size, bytes (at least 16).
+        /// Payload size, bytes (at least 16; ignored with --frames).
         #[arg(long, default_value_t = 256)]
         payload_size: usize,
         /// Every n-th message of a device goes to devices/<id>/alarm (0: never).
@@ -46,6 +47,10 @@ enum Cmd {
         /// Write the acknowledged counters (JSON) here, for `check`.
         #[arg(long)]
         acked_out: Option<PathBuf>,
+        /// Publish device frames (CBOR, deterministic readings) to devices/<id>/frame
+        /// instead of simulator payloads to devices/<id>/telemetry.
+        #[arg(long)]
+        frames: bool,
     },
     /// Compare a hub export (JSON lines on stdin or --export) with acknowledged counters.
     Check {
@@ -60,19 +65,33 @@ enum Cmd {
 
 fn main() -> ExitCode {
     match Cli::parse().command {
-        Cmd::Publish { host, port, devices, messages, rate, payload_size, alarm_every, acked_out } => {
-            let cfg =
-                SimConfig { host, port, devices, messages, rate, payload_size, alarm_every, ..Default::default() };
+        Cmd::Publish { host, port, devices, messages, rate, payload_size, alarm_every, acked_out, frames } => {
+            if frames && messages > 1 << 32 {
+                eprintln!("voither-sim: --frames allows at most 4294967296 --messages (frame counters are u32)");
+                return ExitCode::from(2);
+            }
+            let cfg = SimConfig {
+                host,
+                port,
+                devices,
+                messages,
+                rate,
+                payload_size,
+                alarm_every,
+                frames,
+                ..Default::default()
+            };
             let rt = tokio::runtime::Runtime::new().expect("runtime");
             let progress = Arc::new(SimProgress::default());
             let report = rt.block_on(voither_tests::sim::run(cfg.clone(), progress));
             let total = report.total_acked();
             let secs = report.elapsed.as_secs_f64();
+            let payload =
+                if cfg.frames { "device frames".to_string() } else { format!("payload {} bytes", cfg.payload_size) };
             println!(
-                "{total} messages acknowledged by the broker from {} devices in {secs:.2} s: {:.0} msg/s, payload {} bytes",
+                "{total} messages acknowledged by the broker from {} devices in {secs:.2} s: {:.0} msg/s, {payload}",
                 cfg.devices,
                 total as f64 / secs,
-                cfg.payload_size
             );
             if let Some(p) = acked_out {
                 if let Err(e) = std::fs::write(&p, serde_json::to_vec(&report.acked).expect("json")) {
