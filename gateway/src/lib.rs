@@ -232,6 +232,9 @@ pub async fn run(
         space,
         heartbeat,
         boot_id: rand::random(),
+        endpoints: Mutex::new(
+            uplink::load_endpoints(&cfg.gateway.data_dir).unwrap_or_else(|| cfg.uplink.endpoints.clone()),
+        ),
     };
     let uplink_task = tokio::spawn(up.run(client, stop_rx));
     admin_state.ready.store(true, Ordering::Release);

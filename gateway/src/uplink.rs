@@ -38,6 +38,37 @@ pub struct UplinkStatus {
     pub last_error: Option<String>,
     /// Sessions established since start.
     pub sessions: u64,
+    /// The endpoint list in use (from the config, or the latest a hub sent).
+    pub endpoints: Vec<String>,
+}
+
+/// File in the data folder holding the latest endpoint list a hub sent.
+pub const ENDPOINTS_FILE: &str = "endpoints.json";
+
+/// The persisted endpoint list, if there is a usable one.
+pub fn load_endpoints(data_dir: &std::path::Path) -> Option<Vec<String>> {
+    let text = std::fs::read_to_string(data_dir.join(ENDPOINTS_FILE)).ok()?;
+    let list: Vec<String> = serde_json::from_str(&text).ok()?;
+    (!list.is_empty() && list.iter().all(|e| valid_endpoint(e))).then_some(list)
+}
+
+fn valid_endpoint(e: &str) -> bool {
+    e.rsplit_once(':').is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok())
+}
+
+/// Writes the list atomically (temporary file, fsync, rename), so a reboot while
+/// offline still knows the regions.
+fn save_endpoints(data_dir: &std::path::Path, list: &[String]) -> std::io::Result<()> {
+    use std::io::Write;
+    let tmp = data_dir.join(format!("{ENDPOINTS_FILE}.tmp"));
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(serde_json::to_string(list).expect("json").as_bytes())?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, data_dir.join(ENDPOINTS_FILE))?;
+    if let Ok(d) = std::fs::File::open(data_dir) {
+        let _ = d.sync_all();
+    }
+    Ok(())
 }
 
 /// Errors that end one session.
@@ -86,6 +117,8 @@ pub struct Uplink {
     pub heartbeat: Arc<Heartbeat>,
     /// Random id of this start of the agent.
     pub boot_id: u64,
+    /// Ordered hub endpoints: the persisted list a hub sent, else the config's.
+    pub endpoints: Mutex<Vec<String>>,
 }
 
 impl Uplink {
@@ -107,8 +140,13 @@ impl Uplink {
             if *shutdown.borrow() {
                 break;
             }
-            let target = ups.endpoints[idx % ups.endpoints.len()].clone();
-            self.status.lock().expect("status lock").endpoint = Some(target.clone());
+            let list = self.endpoints.lock().expect("endpoints lock").clone();
+            let target = list[idx % list.len()].clone();
+            {
+                let mut st = self.status.lock().expect("status lock");
+                st.endpoint = Some(target.clone());
+                st.endpoints = list.clone();
+            }
             let started = Instant::now();
             let res = self.session(&endpoint, &target, &mut shutdown).await;
             self.metrics.uplink_connected.set(0);
@@ -136,7 +174,7 @@ impl Uplink {
                         rand::rng().random_range(ups.backoff_min_ms / 2..=cap.max(ups.backoff_min_ms)),
                     );
                     warn!(endpoint = %target, error = %e, retry_in_ms = wait.as_millis() as u64, "Hub session ended.");
-                    if ups.endpoints.len() > 1 {
+                    if list.len() > 1 {
                         idx += 1;
                     }
                     // Keep the liveness tick going while waiting: a hub outage is not a hang.
@@ -246,6 +284,8 @@ impl Uplink {
                         st.region = Some(w.region);
                         st.last_error = None;
                         st.sessions += 1;
+                        drop(st);
+                        self.adopt_endpoints(w.endpoints);
                     }
                     GatewayEvent::Acked { lane, through_seq } => {
                         let store = self.store.clone();
@@ -303,6 +343,29 @@ impl Uplink {
                 }
             }
         }
+    }
+}
+
+impl Uplink {
+    /// Takes a newer endpoint list from a hub: kept for the next reconnect and persisted.
+    fn adopt_endpoints(&self, list: Vec<String>) {
+        if list.is_empty() {
+            return;
+        }
+        if !list.iter().all(|e| valid_endpoint(e)) || list.len() > 64 {
+            warn!(?list, "Hub sent an unusable endpoint list; keeping the current one.");
+            return;
+        }
+        let mut cur = self.endpoints.lock().expect("endpoints lock");
+        if *cur == list {
+            return;
+        }
+        match save_endpoints(&self.cfg.gateway.data_dir, &list) {
+            Ok(()) => info!(?list, "Hub sent a new endpoint list; saved for reconnects and restarts."),
+            Err(e) => warn!(error = %e, "Could not save the endpoint list; using it until restart."),
+        }
+        self.status.lock().expect("status lock").endpoints = list.clone();
+        *cur = list;
     }
 }
 

@@ -244,6 +244,11 @@ pub struct Hub {
 impl Hub {
     /// Writes a config into `dir` and starts the hub.
     pub fn start(dir: &Path, pki: &Pki, id: &str) -> Hub {
+        Self::start_advertising(dir, pki, id, &[])
+    }
+
+    /// Like [`Hub::start`]; the hub hands `endpoints` to gateways in `Welcome`.
+    pub fn start_advertising(dir: &Path, pki: &Pki, id: &str, endpoints: &[SocketAddr]) -> Hub {
         std::fs::create_dir_all(dir).expect("hub dir");
         let addr: SocketAddr = format!("127.0.0.1:{}", free_udp_port()).parse().expect("addr");
         let admin: SocketAddr = format!("127.0.0.1:{}", free_tcp_port()).parse().expect("addr");
@@ -251,10 +256,11 @@ impl Hub {
         std::fs::write(
             &config,
             format!(
-                "[hub]\nid = \"{id}\"\nregion = \"test\"\nlisten = \"{addr}\"\ndata_dir = \"{}\"\nidle_timeout_ms = 3000\n\n\
+                "[hub]\nid = \"{id}\"\nregion = \"test\"\nlisten = \"{addr}\"\ndata_dir = \"{}\"\nidle_timeout_ms = 3000\nendpoints = [{eps}]\n\n\
                  [tls]\nca = \"{p}/ca.pem\"\ncert = \"{p}/hub.pem\"\nkey = \"{p}/hub.key\"\n\n[admin]\nlisten = \"{admin}\"\n",
                 dir.join("data").display(),
-                p = pki.dir.display()
+                p = pki.dir.display(),
+                eps = endpoints.iter().map(|e| format!("\"{e}\"")).collect::<Vec<_>>().join(", ")
             ),
         )
         .expect("hub.toml");
