@@ -345,6 +345,19 @@ pub struct UplinkSection {
     /// Reconnect backoff ceiling, milliseconds.
     #[serde(default = "default_backoff_max")]
     pub backoff_max_ms: u64,
+    /// While on a lower endpoint, probe the first one this often, milliseconds.
+    #[serde(default = "default_probe")]
+    pub probe_interval_ms: u64,
+    /// Fail back once the first endpoint answered probes for this long, milliseconds.
+    #[serde(default = "default_failback")]
+    pub failback_after_ms: u64,
+}
+
+const fn default_probe() -> u64 {
+    5_000
+}
+const fn default_failback() -> u64 {
+    30_000
 }
 
 fn default_server_name() -> String {
@@ -621,6 +634,9 @@ impl Config {
             if total < min {
                 return Err(bad("store.max_bytes", format!("{total} is smaller than one record ({min} bytes)")));
             }
+        }
+        if self.uplink.probe_interval_ms < 100 {
+            return Err(bad("uplink.probe_interval_ms", "must be at least 100".into()));
         }
         if self.store.cache_bytes < 1024 * 1024 {
             return Err(bad("store.cache_bytes", "must be at least 1 MiB".into()));

@@ -74,6 +74,8 @@ pub struct Metrics {
     pub uplink_reconnects: Counter,
     /// Bytes written to hub connections.
     pub uplink_sent_bytes: Counter,
+    /// Returns to the preferred endpoint after it was healthy again.
+    pub uplink_failbacks: Counter,
     /// Time to make a batch durable.
     pub store_commit_seconds: Histogram,
     /// Size of the store file.
@@ -119,6 +121,7 @@ impl Metrics {
             uplink_connected: Gauge::default(),
             uplink_reconnects: Counter::default(),
             uplink_sent_bytes: Counter::default(),
+            uplink_failbacks: Counter::default(),
             store_commit_seconds: Histogram::new(exponential_buckets(0.000_25, 2.0, 14)),
             store_disk_bytes: Gauge::default(),
             store_budget_bytes: Gauge::default(),
@@ -178,6 +181,11 @@ impl Metrics {
         registry.register("uplink_connected", "1 while a hub session is established", m.uplink_connected.clone());
         registry.register("uplink_reconnects", "Hub connections that failed or ended", m.uplink_reconnects.clone());
         registry.register("uplink_sent_bytes", "Bytes written to hub connections", m.uplink_sent_bytes.clone());
+        registry.register(
+            "uplink_failbacks",
+            "Returns to the preferred endpoint after it was healthy again",
+            m.uplink_failbacks.clone(),
+        );
         registry.register(
             "store_commit_seconds",
             "Time to make one batch durable in the store",

@@ -96,6 +96,8 @@ enum SessionError {
     Closed,
     #[error("shutting down")]
     Shutdown,
+    #[error("the preferred endpoint is healthy again: failing back")]
+    FailBack,
 }
 
 /// The uplink task.
@@ -148,7 +150,8 @@ impl Uplink {
                 st.endpoints = list.clone();
             }
             let started = Instant::now();
-            let res = self.session(&endpoint, &target, &mut shutdown).await;
+            let preferred = (!idx.is_multiple_of(list.len())).then(|| list[0].clone());
+            let res = self.session(&endpoint, &target, preferred.as_deref(), &mut shutdown).await;
             self.metrics.uplink_connected.set(0);
             {
                 let mut st = self.status.lock().expect("status lock");
@@ -159,6 +162,12 @@ impl Uplink {
             }
             match res {
                 Err(SessionError::Shutdown) | Ok(()) => break,
+                Err(SessionError::FailBack) => {
+                    self.metrics.uplink_failbacks.inc();
+                    info!(from = %target, to = %list[0], "Failing back to the preferred endpoint.");
+                    idx = 0;
+                    failures = 0;
+                }
                 Err(e) => {
                     self.metrics.uplink_reconnects.inc();
                     if matches!(e, SessionError::Proto(_) | SessionError::Decode(_)) {
@@ -204,9 +213,16 @@ impl Uplink {
         &self,
         endpoint: &quinn::Endpoint,
         target: &str,
+        preferred: Option<&str>,
         shutdown: &mut watch::Receiver<bool>,
     ) -> Result<(), SessionError> {
         let ups = &self.cfg.uplink;
+        // While on a lower endpoint, probe the preferred one; fail back once it has
+        // answered handshakes for `failback_after_ms` without a miss.
+        let mut probe_tick = tokio::time::interval(Duration::from_millis(ups.probe_interval_ms));
+        probe_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut probe: Option<tokio::task::JoinHandle<bool>> = None;
+        let mut healthy_since: Option<Instant> = None;
         let addr = tokio::net::lookup_host(target)
             .await
             .ok()
@@ -327,6 +343,26 @@ impl Uplink {
                     }
                 }
                 _ = sleep_until_opt(timeout.or((!sess.is_ready()).then_some(welcome_deadline))) => sess.handle_timeout(origin.elapsed()),
+                _ = probe_tick.tick(), if preferred.is_some() && probe.is_none() => {
+                    let ep = endpoint.clone();
+                    let name = ups.server_name.clone();
+                    let to = ups.connect_timeout();
+                    let target = preferred.unwrap_or_default().to_string();
+                    probe = Some(tokio::spawn(async move { probe_endpoint(&ep, &target, &name, to).await }));
+                }
+                ok = async { probe.as_mut().expect("guarded").await.unwrap_or(false) }, if probe.is_some() => {
+                    probe = None;
+                    if ok {
+                        let since = *healthy_since.get_or_insert_with(Instant::now);
+                        if since.elapsed() >= Duration::from_millis(ups.failback_after_ms) {
+                            let _ = send.finish();
+                            conn.close(0u32.into(), b"failing back");
+                            return Err(SessionError::FailBack);
+                        }
+                    } else {
+                        healthy_since = None;
+                    }
+                }
                 _ = status_tick.tick() => {
                     if let Ok(stats) = self.store.stats() {
                         let now = crate::unix_ms();
@@ -366,6 +402,23 @@ impl Uplink {
         }
         self.status.lock().expect("status lock").endpoints = list.clone();
         *cur = list;
+    }
+}
+
+/// One handshake with `target`, closed at once: is the endpoint healthy?
+async fn probe_endpoint(endpoint: &quinn::Endpoint, target: &str, server_name: &str, timeout: Duration) -> bool {
+    let Some(addr) = tokio::net::lookup_host(target).await.ok().and_then(|mut a| a.next()) else {
+        return false;
+    };
+    let Ok(connecting) = endpoint.connect(addr, server_name) else {
+        return false;
+    };
+    match tokio::time::timeout(timeout, connecting).await {
+        Ok(Ok(conn)) => {
+            conn.close(0u32.into(), b"probe");
+            true
+        }
+        _ => false,
     }
 }
 
