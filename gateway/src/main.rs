@@ -32,6 +32,15 @@ enum Command {
         #[arg(short, long, env = "VOITHER_GATEWAY_CONFIG")]
         config: PathBuf,
     },
+    /// Show the running gateway's `/status` as a table (or JSON).
+    Status {
+        /// Configuration file (TOML); the gateway's admin endpoint is `admin.listen`.
+        #[arg(short, long, env = "VOITHER_GATEWAY_CONFIG")]
+        config: PathBuf,
+        /// Print the JSON of `/status` instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Inspect the local store.
     Store {
         #[command(subcommand)]
@@ -52,6 +61,95 @@ enum StoreCommand {
         #[arg(long)]
         file: Option<PathBuf>,
     },
+}
+
+/// GETs `/status` from the gateway's admin endpoint.
+fn admin_status(cfg: &Config) -> std::io::Result<String> {
+    use std::io::{Read, Write};
+    let mut addr = cfg.admin.listen;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+    }
+    let mut s = std::net::TcpStream::connect(addr)?;
+    write!(s, "GET /status HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+    let mut text = String::new();
+    s.read_to_string(&mut text)?;
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    if !head.starts_with("HTTP/1.1 200") && !head.starts_with("HTTP/1.0 200") {
+        return Err(std::io::Error::other(head.lines().next().unwrap_or("no answer").to_string()));
+    }
+    Ok(body.to_string())
+}
+
+fn status(cfg: &Config, json: bool) -> ExitCode {
+    let body = match admin_status(cfg) {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!(
+                "voither-gateway: cannot read /status from the admin endpoint {} (key admin.listen): {e}",
+                cfg.admin.listen
+            );
+            return ExitCode::from(1);
+        }
+    };
+    if json {
+        println!("{body}");
+        return ExitCode::SUCCESS;
+    }
+    let st: serde_json::Value = match serde_json::from_str(&body) {
+        Ok(v) => v,
+        Err(e) => {
+            eprintln!("voither-gateway: /status is not JSON: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let up = &st["uplink"];
+    println!(
+        "voither-gateway {}  up {} s  ready {}  mqtt {}  store {} of {} bytes{}",
+        st["agent_version"].as_str().unwrap_or("?"),
+        st["uptime_s"],
+        st["ready"],
+        if st["mqtt"]["subscribed"] == true {
+            "subscribed"
+        } else if st["mqtt"]["connected"] == true {
+            "connected"
+        } else {
+            "down"
+        },
+        st["lanes"].as_array().map_or(0, |l| l.iter().map(|x| x["backlog_bytes"].as_u64().unwrap_or(0)).sum::<u64>()),
+        st["store_budget_bytes"],
+        st["store_error"].as_str().map(|e| format!("  STORE ERROR: {e}")).unwrap_or_default()
+    );
+    println!(
+        "uplink {} {}  hub {}  region {}  sessions {}{}",
+        if up["connected"] == true { "connected to" } else { "trying" },
+        up["endpoint"].as_str().unwrap_or("-"),
+        up["hub_id"].as_str().unwrap_or("-"),
+        up["region"].as_str().unwrap_or("-"),
+        up["sessions"],
+        up["last_error"].as_str().map(|e| format!("  last error: {e}")).unwrap_or_default()
+    );
+    println!(
+        "{:<16} {:>4} {:>10} {:>12} {:>11} {:>10} {:>10} {:>10} {:>12}  POLICY",
+        "LANE", "PRIO", "BACKLOG", "BYTES", "OLDEST AGE", "INGESTED", "SYNCED", "EVICTED", "BUDGET"
+    );
+    for l in st["lanes"].as_array().into_iter().flatten() {
+        let u = |k: &str| l[k].as_u64().unwrap_or(0);
+        println!(
+            "{:<16} {:>4} {:>10} {:>12} {:>10.1}s {:>10} {:>10} {:>10} {:>12}  {}",
+            l["lane"].as_str().unwrap_or("?"),
+            u("priority"),
+            u("backlog_records"),
+            u("backlog_bytes"),
+            l["oldest_unsynced_age_s"].as_f64().unwrap_or(0.0),
+            u("ingested_records"),
+            u("synced_records"),
+            l["evicted"]["capacity"].as_u64().unwrap_or(0) + l["evicted"]["ttl"].as_u64().unwrap_or(0),
+            u("budget_bytes"),
+            l["full_policy"].as_str().unwrap_or("?")
+        );
+    }
+    ExitCode::SUCCESS
 }
 
 fn store_check(config: Option<PathBuf>, file: Option<PathBuf>) -> ExitCode {
@@ -99,6 +197,15 @@ fn main() -> ExitCode {
         Command::Run { ref config, grace_s } => (config, Some(grace_s)),
         Command::CheckConfig { ref config } => (config, None),
         Command::Store { command: StoreCommand::Check { config, file } } => return store_check(config, file),
+        Command::Status { ref config, json } => {
+            return match Config::load(config, &ProcessEnv) {
+                Ok(cfg) => status(&cfg, json),
+                Err(e) => {
+                    eprintln!("voither-gateway: {e}");
+                    ExitCode::from(64)
+                }
+            };
+        }
     };
     let cfg = match Config::load(path, &ProcessEnv) {
         Ok(c) => c,

@@ -1,6 +1,6 @@
 //! `voither-hub`: the central sync endpoint.
 
-use std::io::{BufRead, Read, Write};
+use std::io::{BufRead, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -55,6 +55,15 @@ enum Command {
         /// Validity, days.
         #[arg(long, default_value_t = 365)]
         days: u32,
+    },
+    /// Show the running hub's fleet view: every gateway, state, last seen, backlog.
+    Fleet {
+        /// Configuration file (TOML); the hub's admin endpoint is `admin.listen`.
+        #[arg(short, long, env = "VOITHER_HUB_CONFIG")]
+        config: PathBuf,
+        /// Print the JSON of `/fleet` instead of a table.
+        #[arg(long)]
+        json: bool,
     },
     /// Check a configuration file and exit (0 if valid, 64 if not).
     CheckConfig {
@@ -114,6 +123,10 @@ fn main() -> ExitCode {
                 Err(e) => report(&e),
             }
         }
+        Command::Fleet { config, json } => match load(&config) {
+            Ok(cfg) => fleet(&cfg, json),
+            Err(code) => code,
+        },
         Command::Export { config, gateway, lane } => {
             let cfg = match load(&config) {
                 Ok(c) => c,
@@ -171,10 +184,6 @@ fn export_http(
     lane: Option<String>,
     out: &mut impl Write,
 ) -> std::io::Result<()> {
-    let mut addr = cfg.admin.listen;
-    if addr.ip().is_unspecified() {
-        addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
-    }
     let mut q = Vec::new();
     if let Some(g) = gateway {
         q.push(format!("gateway={}", urlencode(&g)));
@@ -182,8 +191,17 @@ fn export_http(
     if let Some(l) = lane {
         q.push(format!("lane={}", urlencode(&l)));
     }
+    admin_get(cfg, &format!("/export?{}", q.join("&")), out)
+}
+
+/// GETs `path` from the hub's admin endpoint and copies the body to `out`.
+fn admin_get(cfg: &Config, path: &str, out: &mut impl Write) -> std::io::Result<()> {
+    let mut addr = cfg.admin.listen;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+    }
     let mut s = std::net::TcpStream::connect(addr)?;
-    write!(s, "GET /export?{} HTTP/1.0\r\nHost: {addr}\r\n\r\n", q.join("&"))?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
     let mut r = std::io::BufReader::new(s);
     let mut line = String::new();
     r.read_line(&mut line)?;
@@ -196,15 +214,53 @@ fn export_http(
             break;
         }
     }
-    let mut buf = [0u8; 64 * 1024];
-    loop {
-        let n = r.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        out.write_all(&buf[..n])?;
-    }
+    std::io::copy(&mut r, out)?;
     out.flush()
+}
+
+/// `voither-hub fleet`: the running hub's `/fleet` as a table (or JSON).
+fn fleet(cfg: &Config, json: bool) -> ExitCode {
+    let mut body = Vec::new();
+    if let Err(e) = admin_get(cfg, "/fleet", &mut body) {
+        eprintln!(
+            "voither-hub: cannot read /fleet from the hub's admin endpoint {} (key admin.listen): {e}",
+            cfg.admin.listen
+        );
+        return ExitCode::from(1);
+    }
+    if json {
+        println!("{}", String::from_utf8_lossy(&body));
+        return ExitCode::SUCCESS;
+    }
+    let rows: Vec<serde_json::Value> = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("voither-hub: /fleet answered something that is not JSON: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+    println!(
+        "{:<24} {:<13} {:>10} {:<12} {:>9} {:>12} {:>10} {:>9}",
+        "GATEWAY", "STATE", "LAST SEEN", "REGION", "BACKLOG", "OLDEST AGE", "STORED", "VERSION"
+    );
+    for r in &rows {
+        let u = |k: &str| r[k].as_u64().unwrap_or(0);
+        let s = |k: &str| r[k].as_str().unwrap_or("").to_string();
+        println!(
+            "{:<24} {:<13} {:>9}s {:<12} {:>9} {:>11.1}s {:>10} {:>9}",
+            s("gateway"),
+            s("state"),
+            now.saturating_sub(u("last_seen_ms")) / 1000,
+            s("region"),
+            u("backlog_records"),
+            u("oldest_unsynced_age_ms") as f64 / 1000.0,
+            u("stored_records"),
+            s("agent_version")
+        );
+    }
+    println!("{} gateway(s)", rows.len());
+    ExitCode::SUCCESS
 }
 
 fn urlencode(s: &str) -> String {

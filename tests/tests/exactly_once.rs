@@ -49,4 +49,26 @@ fn twenty_thousand_messages_arrive_exactly_once_in_order() {
     assert_eq!(synced, 20_000.0);
     assert_eq!(lab.gateway.metric("voither_gateway_stored_records_total"), Some(20_000.0));
     assert_eq!(lab.hub.metric("voither_hub_duplicate_records_total"), Some(0.0));
+
+    // The same state, for people: `voither-gateway status` and `voither-hub fleet`.
+    let out = voither_tests::procs::output_within(
+        std::process::Command::new(voither_tests::procs::bin("voither-gateway"))
+            .args(["status", "--config"])
+            .arg(&lab.gateway.config),
+        Duration::from_secs(30),
+    );
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(table.contains("connected to") && table.contains("alarms") && table.contains("telemetry"), "{table}");
+    println!("{table}");
+    let out = voither_tests::procs::output_within(
+        std::process::Command::new(voither_tests::procs::bin("voither-hub"))
+            .args(["fleet", "--config"])
+            .arg(&lab.hub.config),
+        Duration::from_secs(30),
+    );
+    let fleet = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(fleet.contains("gw-1") && fleet.contains("connected") && fleet.contains("1 gateway(s)"), "{fleet}");
+    println!("{fleet}");
 }
