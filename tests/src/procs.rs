@@ -371,6 +371,19 @@ pub struct GatewayOpts {
     pub lanes: String,
 }
 
+impl GatewayOpts {
+    /// Gateway `id` with its own embedded broker on `mqtt_port`, syncing to `endpoints`,
+    /// default lanes.
+    pub fn embedded(id: &str, mqtt_port: u16, endpoints: Vec<SocketAddr>) -> Self {
+        Self { id: id.into(), mqtt_port, embedded_broker: true, endpoints, extra: String::new(), lanes: String::new() }
+    }
+
+    /// Gateway `id` subscribing to an external broker (Mosquitto) on `mqtt_port`.
+    pub fn external(id: &str, mqtt_port: u16, endpoints: Vec<SocketAddr>) -> Self {
+        Self { embedded_broker: false, ..Self::embedded(id, mqtt_port, endpoints) }
+    }
+}
+
 /// The lanes a test gateway has unless told otherwise.
 pub const DEFAULT_LANES: &str = "[[lanes]]\nname = \"alarms\"\npriority = 0\ntopics = [\"devices/+/alarm\"]\n\n\
 [[lanes]]\nname = \"telemetry\"\npriority = 1\ntopics = [\"devices/#\"]\n";
@@ -512,12 +525,9 @@ impl Lab {
             &dir.path().join("gw"),
             &pki,
             &GatewayOpts {
-                id: "gw-1".into(),
-                mqtt_port: mosquitto.port,
-                embedded_broker: false,
-                endpoints: vec![endpoint(hub.addr)],
                 extra: extra.into(),
                 lanes: lanes.into(),
+                ..GatewayOpts::external("gw-1", mosquitto.port, vec![endpoint(hub.addr)])
             },
         );
         Lab { gateway, hub, mosquitto, pki, dir }

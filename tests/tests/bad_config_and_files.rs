@@ -117,14 +117,7 @@ fn corrupt_store_is_moved_aside_and_a_fresh_one_started() {
     let mut gw = Gateway::start(
         &dir.path().join("gw"),
         &pki,
-        &GatewayOpts {
-            id: "gw-1".into(),
-            mqtt_port: port,
-            embedded_broker: true,
-            endpoints: vec![format!("127.0.0.1:{}", free_udp_port()).parse().unwrap()],
-            extra: String::new(),
-            lanes: String::new(),
-        },
+        &GatewayOpts::embedded("gw-1", port, vec![format!("127.0.0.1:{}", free_udp_port()).parse().unwrap()]),
     );
     assert_eq!(gw.metric("voither_gateway_store_corrupt_moved_total"), Some(1.0));
     let aside: Vec<_> = std::fs::read_dir(&data)

@@ -56,18 +56,8 @@ fn disk_full_holds_the_broker_and_recovers_when_space_returns() {
     let _fs = Tmpfs::mount(&data, "16m");
     let filler = data.join("filler");
     std::fs::write(&filler, vec![0u8; 14 << 20]).unwrap();
-    let mut gw = Gateway::start(
-        &dir.path().join("gw"),
-        &pki,
-        &GatewayOpts {
-            id: "gw-1".into(),
-            mqtt_port: mosquitto.port,
-            embedded_broker: false,
-            endpoints: vec![hub.addr],
-            extra: String::new(),
-            lanes: String::new(),
-        },
-    );
+    let mut gw =
+        Gateway::start(&dir.path().join("gw"), &pki, &GatewayOpts::external("gw-1", mosquitto.port, vec![hub.addr]));
     let rt = tokio::runtime::Runtime::new().unwrap();
     // About 3 MB of records for a disk with under 2 MB free.
     let cfg = SimConfig { port: mosquitto.port, devices: 5, messages: 2_000, ..Default::default() };

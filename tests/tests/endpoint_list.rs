@@ -15,18 +15,7 @@ fn endpoint_list_from_welcome_survives_a_restart_while_offline() {
     let mut hub_a = Hub::start_advertising(&dir.path().join("hub-a"), &pki, "hub-a", &[hub_b.addr]);
     let port = free_tcp_port();
     // The gateway's config knows only hub A.
-    let mut gw = Gateway::start(
-        &dir.path().join("gw"),
-        &pki,
-        &GatewayOpts {
-            id: "gw-1".into(),
-            mqtt_port: port,
-            embedded_broker: true,
-            endpoints: vec![hub_a.addr],
-            extra: String::new(),
-            lanes: String::new(),
-        },
-    );
+    let mut gw = Gateway::start(&dir.path().join("gw"), &pki, &GatewayOpts::embedded("gw-1", port, vec![hub_a.addr]));
     let want = vec![hub_b.addr.to_string()];
     let adopted = wait_for(Duration::from_secs(30), || {
         let st = gw.status()?;

@@ -34,14 +34,7 @@ fn fails_over_down_the_list_and_back() {
     let gw = Gateway::start(
         &dir.path().join("gw"),
         &pki,
-        &GatewayOpts {
-            id: "gw-1".into(),
-            mqtt_port: mosquitto.port,
-            embedded_broker: false,
-            endpoints: vec![a.addr, b.addr, c.addr],
-            extra: String::new(),
-            lanes: String::new(),
-        },
+        &GatewayOpts::external("gw-1", mosquitto.port, vec![a.addr, b.addr, c.addr]),
     );
     // The gateway config of the harness: idle timeout 3 s, keep-alive 0.5 s; probing and
     // fail-back are tuned here through the config file.

@@ -64,12 +64,8 @@ fn gateway_survives_a_hub_that_sends_garbage() {
         &dir.path().join("gw"),
         &pki,
         &GatewayOpts {
-            id: "gw-1".into(),
-            mqtt_port: port,
-            embedded_broker: true,
-            endpoints: vec![fake_addr],
-            extra: String::new(),
             lanes: "[[lanes]]\nname = \"telemetry\"\ntopics = [\"devices/#\"]\n".into(),
+            ..GatewayOpts::embedded("gw-1", port, vec![fake_addr])
         },
     );
     let cfg = voither_tests::sim::SimConfig { port, devices: 2, messages: 100, ..Default::default() };

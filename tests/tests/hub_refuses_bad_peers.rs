@@ -81,18 +81,7 @@ fn gateway_process_with_a_foreign_certificate_is_refused_and_keeps_its_data() {
     std::fs::copy(s.other.dir.join("gw-1.key"), mixed.join("gw-1.key")).unwrap();
     let mixed = Pki { dir: mixed };
     let port = voither_tests::procs::free_tcp_port();
-    let gw = Gateway::start(
-        &s.dir.path().join("gw"),
-        &mixed,
-        &GatewayOpts {
-            id: "gw-1".into(),
-            mqtt_port: port,
-            embedded_broker: true,
-            endpoints: vec![s.hub.addr],
-            extra: String::new(),
-            lanes: String::new(),
-        },
-    );
+    let gw = Gateway::start(&s.dir.path().join("gw"), &mixed, &GatewayOpts::embedded("gw-1", port, vec![s.hub.addr]));
     let rt = tokio::runtime::Runtime::new().unwrap();
     let cfg = voither_tests::sim::SimConfig { port, devices: 2, messages: 50, ..Default::default() };
     let report = rt.block_on(voither_tests::sim::run(cfg, Default::default()));

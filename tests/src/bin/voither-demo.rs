@@ -54,18 +54,8 @@ fn main() -> ExitCode {
     println!("    QUIC {}  admin http://{}", hub.addr, hub.admin);
     let mqtt_port = free_tcp_port();
     println!("==> gateway with embedded MQTT broker on 127.0.0.1:{mqtt_port}");
-    let mut gw = Gateway::start(
-        &dir.join("gateway"),
-        &pki,
-        &GatewayOpts {
-            id: "gateway-1".into(),
-            mqtt_port,
-            embedded_broker: true,
-            endpoints: vec![hub.addr],
-            extra: String::new(),
-            lanes: String::new(),
-        },
-    );
+    let mut gw =
+        Gateway::start(&dir.join("gateway"), &pki, &GatewayOpts::embedded("gateway-1", mqtt_port, vec![hub.addr]));
     println!("    admin http://{}  (/status /metrics /healthz /readyz)", gw.admin);
     let cfg = SimConfig {
         port: mqtt_port,
