@@ -364,7 +364,9 @@ impl Uplink {
                     }
                 }
                 _ = status_tick.tick() => {
-                    if let Ok(stats) = self.store.stats() {
+                    // The stats read a transaction: keep it off the runtime's threads.
+                    let store = self.store.clone();
+                    if let Ok(Ok(stats)) = tokio::task::spawn_blocking(move || store.stats()).await {
                         let now = crate::unix_ms();
                         sess.set_status(Status {
                             uptime_s: self.heartbeat.uptime().as_secs(),
