@@ -351,6 +351,18 @@ pub struct UplinkSection {
     /// Fail back once the first endpoint answered probes for this long, milliseconds.
     #[serde(default = "default_failback")]
     pub failback_after_ms: u64,
+    /// The endpoint is unhealthy when batches are in flight and no ack came for this
+    /// long, milliseconds: the gateway fails over to the next endpoint.
+    #[serde(default = "default_ack_progress")]
+    pub ack_progress_timeout_ms: u64,
+    /// Most bytes per second written to the hub (metered links); 0 means no limit. A hub
+    /// can ask for less with a slow-down command, never for more.
+    #[serde(default)]
+    pub rate_limit_bytes_per_s: u64,
+}
+
+const fn default_ack_progress() -> u64 {
+    20_000
 }
 
 const fn default_probe() -> u64 {
@@ -625,6 +637,12 @@ impl Config {
         }
         if self.uplink.idle_timeout_ms <= self.uplink.keep_alive_ms {
             return Err(bad("uplink.idle_timeout_ms", "must be larger than uplink.keep_alive_ms".into()));
+        }
+        if self.uplink.ack_progress_timeout_ms < 1_000 {
+            return Err(bad("uplink.ack_progress_timeout_ms", "must be at least 1000".into()));
+        }
+        if self.uplink.rate_limit_bytes_per_s != 0 && self.uplink.rate_limit_bytes_per_s < 1024 {
+            return Err(bad("uplink.rate_limit_bytes_per_s", "must be 0 (no limit) or at least 1024".into()));
         }
         if self.uplink.backoff_min_ms == 0 || self.uplink.backoff_min_ms > self.uplink.backoff_max_ms {
             return Err(bad("uplink.backoff_min_ms", "must be at least 1 and at most uplink.backoff_max_ms".into()));

@@ -246,11 +246,19 @@ pub async fn run(
         "Gateway running."
     );
     notify_systemd("READY=1");
+    let watchdog = watchdog_interval().map(|every| {
+        let hb = admin_state.heartbeat.clone();
+        let mut rx = stop_tx.subscribe();
+        tokio::spawn(async move { watchdog(hb, every, &mut rx).await })
+    });
 
     shutdown.await;
     info!("Shutting down.");
     notify_systemd("STOPPING=1");
     let _ = stop_tx.send(true);
+    if let Some(w) = watchdog {
+        w.abort();
+    }
     let drained = tokio::time::timeout(grace, async {
         let _ = ingest_task.await;
         #[cfg(feature = "sensors")]
@@ -332,6 +340,48 @@ async fn maintain(
                 Ok(None) => {}
                 Err(e) => warn!(error = %e, "Store compaction failed."),
             }
+        }
+    }
+}
+
+/// Half of systemd's `WatchdogSec` (from `WATCHDOG_USEC`), when the watchdog is on and
+/// meant for this process.
+fn watchdog_interval() -> Option<Duration> {
+    if let Some(pid) = std::env::var("WATCHDOG_PID").ok().and_then(|p| p.parse::<u32>().ok()) {
+        if pid != std::process::id() {
+            return None;
+        }
+    }
+    let usec: u64 = std::env::var("WATCHDOG_USEC").ok()?.parse().ok()?;
+    (usec > 0).then(|| Duration::from_micros(usec / 2))
+}
+
+/// Pings systemd's watchdog only while every loop (MQTT event loop, store committer,
+/// uplink) has ticked recently: a stuck loop stops the pings and systemd restarts the
+/// service. A loop counts as stuck after twice `WatchdogSec`, within 3 to 30 seconds.
+async fn watchdog(hb: Arc<Heartbeat>, every: Duration, stop: &mut watch::Receiver<bool>) {
+    let limit = (every * 4).clamp(Duration::from_secs(3), Duration::from_secs(30));
+    let mut tick = tokio::time::interval(every);
+    let mut stalled = false;
+    loop {
+        tokio::select! {
+            _ = stop.changed() => return,
+            _ = tick.tick() => {}
+        }
+        let stale = hb.stale(limit);
+        if stale.is_empty() {
+            if stalled {
+                info!("Every loop is ticking again; watchdog pings resumed.");
+                stalled = false;
+            }
+            notify_systemd("WATCHDOG=1");
+        } else if !stalled {
+            tracing::error!(
+                loops = %stale.join(","),
+                stalled_for_s = limit.as_secs(),
+                "A pipeline loop is stuck; watchdog pings stopped so that systemd restarts the service."
+            );
+            stalled = true;
         }
     }
 }

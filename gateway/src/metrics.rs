@@ -32,6 +32,13 @@ pub struct SensorLabel {
     pub sensor: String,
 }
 
+/// Label set `{endpoint}`.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EndpointLabel {
+    /// Hub endpoint, `host:port`.
+    pub endpoint: String,
+}
+
 /// Every metric the gateway exports.
 #[derive(Debug)]
 pub struct Metrics {
@@ -76,6 +83,18 @@ pub struct Metrics {
     pub uplink_sent_bytes: Counter,
     /// Returns to the preferred endpoint after it was healthy again.
     pub uplink_failbacks: Counter,
+    /// Moves to the next endpoint of the list after the active one failed.
+    pub uplink_failovers: Counter,
+    /// 1 for the endpoint of the established session, 0 for endpoints used before.
+    pub uplink_endpoint: Family<EndpointLabel, Gauge>,
+    /// QUIC's smoothed round-trip time of the current session.
+    pub uplink_rtt_seconds: Gauge<f64, AtomicU64>,
+    /// Time from sending a batch to the hub's ack (durable at the hub).
+    pub uplink_ack_latency_seconds: Histogram,
+    /// Effective uplink rate limit (the lower of config and hub request; 0: none).
+    pub uplink_rate_limit_bytes: Gauge,
+    /// Sessions ended because batches were in flight and acks stopped making progress.
+    pub uplink_ack_stalls: Counter,
     /// Time to make a batch durable.
     pub store_commit_seconds: Histogram,
     /// Size of the store file.
@@ -122,6 +141,12 @@ impl Metrics {
             uplink_reconnects: Counter::default(),
             uplink_sent_bytes: Counter::default(),
             uplink_failbacks: Counter::default(),
+            uplink_failovers: Counter::default(),
+            uplink_endpoint: Family::default(),
+            uplink_rtt_seconds: Gauge::default(),
+            uplink_ack_latency_seconds: Histogram::new(exponential_buckets(0.000_5, 2.0, 16)),
+            uplink_rate_limit_bytes: Gauge::default(),
+            uplink_ack_stalls: Counter::default(),
             store_commit_seconds: Histogram::new(exponential_buckets(0.000_25, 2.0, 14)),
             store_disk_bytes: Gauge::default(),
             store_budget_bytes: Gauge::default(),
@@ -185,6 +210,36 @@ impl Metrics {
             "uplink_failbacks",
             "Returns to the preferred endpoint after it was healthy again",
             m.uplink_failbacks.clone(),
+        );
+        registry.register(
+            "uplink_failovers",
+            "Moves to the next hub endpoint after the active one failed",
+            m.uplink_failovers.clone(),
+        );
+        registry.register(
+            "uplink_endpoint",
+            "1 for the hub endpoint of the established session, 0 for endpoints used before",
+            m.uplink_endpoint.clone(),
+        );
+        registry.register(
+            "uplink_rtt_seconds",
+            "Smoothed QUIC round-trip time of the hub session",
+            m.uplink_rtt_seconds.clone(),
+        );
+        registry.register(
+            "uplink_ack_latency_seconds",
+            "Time from sending a batch to the hub's ack, which it sends once the batch is durable",
+            m.uplink_ack_latency_seconds.clone(),
+        );
+        registry.register(
+            "uplink_rate_limit_bytes_per_second",
+            "Effective uplink rate limit: the lower of uplink.rate_limit_bytes_per_s and the hub's request (0: none)",
+            m.uplink_rate_limit_bytes.clone(),
+        );
+        registry.register(
+            "uplink_ack_stalls",
+            "Hub sessions ended because batches were in flight and no ack came within uplink.ack_progress_timeout_ms",
+            m.uplink_ack_stalls.clone(),
         );
         registry.register(
             "store_commit_seconds",

@@ -5,7 +5,17 @@
 //! are deleted only on the session's `Acked` events (the hub committed them), and a
 //! broken connection is retried with exponential backoff and full jitter, moving to
 //! the next endpoint of the list.
+//!
+//! An endpoint is unhealthy when the connection cannot be made in
+//! `uplink.connect_timeout_ms`, when QUIC's idle timeout ends it (keep-alives keep a
+//! healthy one open), or when batches are in flight and no ack came for
+//! `uplink.ack_progress_timeout_ms` (a hub that accepts data but cannot make it durable).
+//!
+//! Writes are paced by a token bucket when `uplink.rate_limit_bytes_per_s` is set or a
+//! hub sent `SlowDown`; the lower of the two applies. Each batch is a `sync_batch`
+//! tracing span from send to ack, so a trace exporter shows gateway → hub-durable latency.
 
+use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -14,12 +24,12 @@ use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 use voither_proto::{
-    encode_frame, FrameDecoder, GatewayConfig, GatewayEvent, GatewaySession, LaneInit, LaneStatus, Status,
+    encode_frame, Command, FrameDecoder, GatewayConfig, GatewayEvent, GatewaySession, LaneInit, LaneStatus, Status,
     MAX_FRAME_LEN,
 };
 
 use crate::config::Config;
-use crate::metrics::Metrics;
+use crate::metrics::{EndpointLabel, Metrics};
 use crate::store::Store;
 use crate::Heartbeat;
 
@@ -40,7 +50,79 @@ pub struct UplinkStatus {
     pub sessions: u64,
     /// The endpoint list in use (from the config, or the latest a hub sent).
     pub endpoints: Vec<String>,
+    /// Smoothed round-trip time of the session, milliseconds.
+    pub rtt_ms: Option<u64>,
+    /// Effective rate limit, bytes per second (0: none).
+    pub rate_limit_bytes_per_s: u64,
+    /// Rate the hub asked for with `SlowDown` in this session (0: none).
+    pub hub_rate_limit_bytes_per_s: u64,
 }
+
+/// The lower of two limits where 0 means none.
+fn lower_limit(a: u64, b: u64) -> u64 {
+    match (a, b) {
+        (0, x) | (x, 0) => x,
+        (a, b) => a.min(b),
+    }
+}
+
+/// A token bucket kept as a balance: writing is allowed while the balance is not
+/// negative, each write takes its size (it may go into debt, so a large batch is not
+/// split), and the balance refills at `rate` bytes per second up to one second's worth.
+#[derive(Debug)]
+struct Pace {
+    rate: u64,
+    balance: f64,
+    at: Instant,
+}
+
+impl Pace {
+    fn new(rate: u64, now: Instant) -> Self {
+        Self { rate, balance: rate as f64, at: now }
+    }
+
+    fn set_rate(&mut self, rate: u64, now: Instant) {
+        self.refill(now);
+        self.rate = rate;
+        self.balance = self.balance.min(rate as f64);
+    }
+
+    fn refill(&mut self, now: Instant) {
+        if self.rate > 0 {
+            let dt = now.saturating_duration_since(self.at).as_secs_f64();
+            self.balance = (self.balance + dt * self.rate as f64).min(self.rate as f64);
+        }
+        self.at = now;
+    }
+
+    /// When writing may go on, or `None` when it may now.
+    fn blocked_until(&mut self, now: Instant) -> Option<Instant> {
+        if self.rate == 0 {
+            return None;
+        }
+        self.refill(now);
+        (self.balance < 0.0).then(|| now + Duration::from_secs_f64(-self.balance / self.rate as f64))
+    }
+
+    fn spend(&mut self, bytes: usize, now: Instant) {
+        if self.rate > 0 {
+            self.refill(now);
+            self.balance -= bytes as f64;
+        }
+    }
+}
+
+/// A batch on its way: for the ack-latency histogram and the `sync_batch` span.
+#[derive(Debug)]
+struct Flight {
+    lane: String,
+    last_seq: u64,
+    sent: Instant,
+    _span: tracing::Span,
+}
+
+/// Most batches tracked for latency at once (rewinds resend; old entries are dropped).
+const MAX_FLIGHTS: usize = 4096;
 
 /// File in the data folder holding the latest endpoint list a hub sent.
 pub const ENDPOINTS_FILE: &str = "endpoints.json";
@@ -98,6 +180,8 @@ enum SessionError {
     Shutdown,
     #[error("the preferred endpoint is healthy again: failing back")]
     FailBack,
+    #[error("no ack for {0} ms with batches in flight (uplink.ack_progress_timeout_ms)")]
+    AckStall(u64),
 }
 
 /// The uplink task.
@@ -138,6 +222,9 @@ impl Uplink {
         let ups = &self.cfg.uplink;
         let mut idx = 0usize;
         let mut failures = 0u32;
+        // An endpoint whose acks stalled answers handshakes but cannot make data durable:
+        // probes of it do not count as healthy for a while.
+        let mut stalled: Option<(String, Instant)> = None;
         loop {
             if *shutdown.borrow() {
                 break;
@@ -151,8 +238,10 @@ impl Uplink {
             }
             let started = Instant::now();
             let preferred = (!idx.is_multiple_of(list.len())).then(|| list[0].clone());
-            let res = self.session(&endpoint, &target, preferred.as_deref(), &mut shutdown).await;
+            let hold = stalled.as_ref().filter(|(ep, _)| Some(ep) == preferred.as_ref()).map(|(_, until)| *until);
+            let res = self.session(&endpoint, &target, preferred.as_deref(), hold, &mut shutdown).await;
             self.metrics.uplink_connected.set(0);
+            self.metrics.uplink_endpoint.get_or_create(&EndpointLabel { endpoint: target.clone() }).set(0);
             {
                 let mut st = self.status.lock().expect("status lock");
                 st.connected = false;
@@ -183,8 +272,14 @@ impl Uplink {
                         rand::rng().random_range(ups.backoff_min_ms / 2..=cap.max(ups.backoff_min_ms)),
                     );
                     warn!(endpoint = %target, error = %e, retry_in_ms = wait.as_millis() as u64, "Hub session ended.");
+                    if matches!(e, SessionError::AckStall(_)) {
+                        self.metrics.uplink_ack_stalls.inc();
+                        stalled = Some((target.clone(), Instant::now() + stall_hold_down(ups)));
+                    }
                     if list.len() > 1 {
                         idx += 1;
+                        self.metrics.uplink_failovers.inc();
+                        info!(from = %target, to = %list[idx % list.len()], "Failing over to the next endpoint.");
                     }
                     // Keep the liveness tick going while waiting: a hub outage is not a hang.
                     let until = Instant::now() + wait;
@@ -214,6 +309,7 @@ impl Uplink {
         endpoint: &quinn::Endpoint,
         target: &str,
         preferred: Option<&str>,
+        hold_until: Option<Instant>,
         shutdown: &mut watch::Receiver<bool>,
     ) -> Result<(), SessionError> {
         let ups = &self.cfg.uplink;
@@ -251,7 +347,7 @@ impl Uplink {
         let pcfg = GatewayConfig {
             window_batches: ups.window_batches,
             max_batch_records: ups.batch_records,
-            max_batch_bytes: MAX_FRAME_LEN / 4,
+            max_batch_bytes: batch_bytes_for(ups.rate_limit_bytes_per_s),
             ..GatewayConfig::default()
         };
         let mut sess = GatewaySession::new(pcfg, env!("CARGO_PKG_VERSION"), self.boot_id, inits);
@@ -263,45 +359,38 @@ impl Uplink {
         // The session has no timer before Welcome; a hub that never answers must not
         // hold the gateway on a connection kept alive by QUIC keep-alives.
         let welcome_deadline = origin + ups.connect_timeout();
+        let stall = Duration::from_millis(ups.ack_progress_timeout_ms);
+        // Acks make progress: the last ack, or when the pipe went from idle to busy.
+        let mut progress_at = Instant::now();
+        let mut flights: VecDeque<Flight> = VecDeque::new();
+        let mut pace = Pace::new(ups.rate_limit_bytes_per_s, Instant::now());
+        self.set_rate(ups.rate_limit_bytes_per_s, 0);
         loop {
             if !sess.is_ready() && Instant::now() >= welcome_deadline {
                 return Err(SessionError::Timeout);
             }
             self.heartbeat.uplink.tick();
-            // Fill the window from the store.
-            while let Some(slot) = sess.poll_send_slot() {
-                let store = self.store.clone();
-                let lane = slot.lane.clone();
-                let (records, gaps) = tokio::task::spawn_blocking(move || {
-                    store.read_from(&lane, slot.from_seq, slot.max_records, slot.max_bytes)
-                })
-                .await
-                .expect("read task")?;
-                sess.send_batch(origin.elapsed(), &slot.lane, records, gaps)?;
-            }
-            // Write what the session queued.
-            out.clear();
-            while let Some(f) = sess.poll_transmit() {
-                encode_frame(&f, &mut out, MAX_FRAME_LEN).expect("batches are sized under the frame limit");
-            }
-            if !out.is_empty() {
-                send.write_all(&out).await?;
-                self.metrics.uplink_sent_bytes.inc_by(out.len() as u64);
-            }
             // Act on events.
             while let Some(ev) = sess.poll_event() {
                 match ev {
                     GatewayEvent::Welcomed(w) => {
                         info!(endpoint = %target, hub = %w.hub_id, region = %w.region, gateway = %w.gateway_id, "Hub session established.");
                         self.metrics.uplink_connected.set(1);
-                        let mut st = self.status.lock().expect("status lock");
-                        st.connected = true;
-                        st.hub_id = Some(w.hub_id);
-                        st.region = Some(w.region);
-                        st.last_error = None;
-                        st.sessions += 1;
-                        drop(st);
+                        {
+                            let mut st = self.status.lock().expect("status lock");
+                            st.connected = true;
+                            st.hub_id = Some(w.hub_id);
+                            st.region = Some(w.region);
+                            st.last_error = None;
+                            st.sessions += 1;
+                        }
+                        self.metrics.uplink_endpoint.get_or_create(&EndpointLabel { endpoint: target.into() }).set(1);
                         self.adopt_endpoints(w.endpoints);
+                        if std::env::var("VOITHER_GATEWAY_FAILPOINT").is_ok_and(|v| v == "stall-uplink") {
+                            // Test hook: a hung uplink loop, for the watchdog test. Unset in production.
+                            tracing::error!("Failpoint stall-uplink: the uplink loop hangs now.");
+                            std::future::pending::<()>().await;
+                        }
                     }
                     GatewayEvent::Acked { lane, through_seq } => {
                         let store = self.store.clone();
@@ -310,16 +399,92 @@ impl Uplink {
                             .await
                             .expect("ack task")?;
                         debug!(%lane, through_seq, deleted = n, "Hub acknowledged.");
+                        let now = Instant::now();
+                        progress_at = now;
+                        flights.retain(|f| {
+                            let done = f.lane == lane && f.last_seq <= through_seq;
+                            if done {
+                                self.metrics.uplink_ack_latency_seconds.observe((now - f.sent).as_secs_f64());
+                            }
+                            !done
+                        });
                         self.space.notify_waiters();
                         self.metrics.synced_records.get_or_create(&Metrics::lane(&lane)).inc_by(n);
                         self.metrics.synced_bytes.get_or_create(&Metrics::lane(&lane)).inc_by(bytes);
                     }
+                    GatewayEvent::Command(Command::SlowDown(rate)) => {
+                        let effective = lower_limit(ups.rate_limit_bytes_per_s, rate);
+                        pace.set_rate(effective, Instant::now());
+                        sess.set_max_batch_bytes(batch_bytes_for(effective));
+                        self.set_rate(effective, rate);
+                        info!(
+                            hub_rate_bytes_per_s = rate,
+                            effective_bytes_per_s = effective,
+                            "Hub asked the uplink to slow down."
+                        );
+                    }
                     GatewayEvent::Command(c) => {
-                        info!(command = ?c, "Hub command received.");
+                        info!(command = ?c, "Hub command received; this version does not act on it.");
                     }
                 }
             }
+            // Fill the window from the store, as far as the rate limit allows.
+            if sess.inflight_batches() == 0 {
+                progress_at = Instant::now();
+            }
+            out.clear();
+            while pace.blocked_until(Instant::now()).is_none() {
+                let Some(slot) = sess.poll_send_slot() else { break };
+                let store = self.store.clone();
+                let lane = slot.lane.clone();
+                let (records, gaps) = tokio::task::spawn_blocking(move || {
+                    store.read_from(&lane, slot.from_seq, slot.max_records, slot.max_bytes)
+                })
+                .await
+                .expect("read task")?;
+                let first = records.first().map(|r| r.seq).into_iter().chain(gaps.iter().map(|g| g.from_seq)).min();
+                let last = records.last().map(|r| r.seq).into_iter().chain(gaps.iter().map(|g| g.through_seq)).max();
+                let bytes: usize = records.iter().map(|r| r.payload.len()).sum();
+                let n = records.len();
+                sess.send_batch(origin.elapsed(), &slot.lane, records, gaps)?;
+                if let (Some(first), Some(last)) = (first, last) {
+                    let span = tracing::info_span!(
+                        "sync_batch",
+                        lane = %slot.lane,
+                        first_seq = first,
+                        last_seq = last,
+                        records = n,
+                        bytes,
+                        endpoint = %target
+                    );
+                    if flights.len() >= MAX_FLIGHTS {
+                        flights.pop_front();
+                    }
+                    flights.push_back(Flight {
+                        lane: slot.lane.clone(),
+                        last_seq: last,
+                        sent: Instant::now(),
+                        _span: span,
+                    });
+                }
+                // Write each batch as it is read, so the pace sees its size.
+                let before = out.len();
+                while let Some(f) = sess.poll_transmit() {
+                    encode_frame(&f, &mut out, MAX_FRAME_LEN).expect("batches are sized under the frame limit");
+                }
+                pace.spend(out.len() - before, Instant::now());
+            }
+            // Write what the session queued.
+            while let Some(f) = sess.poll_transmit() {
+                encode_frame(&f, &mut out, MAX_FRAME_LEN).expect("batches are sized under the frame limit");
+            }
+            if !out.is_empty() {
+                send.write_all(&out).await?;
+                self.metrics.uplink_sent_bytes.inc_by(out.len() as u64);
+            }
             let timeout = sess.poll_timeout().map(|t| origin + t);
+            let stall_at = (sess.inflight_batches() > 0).then_some(progress_at + stall);
+            let paced = pace.blocked_until(Instant::now());
             tokio::select! {
                 _ = shutdown.changed() => {
                     let _ = send.finish();
@@ -343,6 +508,12 @@ impl Uplink {
                     }
                 }
                 _ = sleep_until_opt(timeout.or((!sess.is_ready()).then_some(welcome_deadline))) => sess.handle_timeout(origin.elapsed()),
+                _ = sleep_until_opt(stall_at) => {
+                    let _ = send.finish();
+                    conn.close(0u32.into(), b"acks stalled");
+                    return Err(SessionError::AckStall(ups.ack_progress_timeout_ms));
+                }
+                _ = sleep_until_opt(paced) => {}
                 _ = probe_tick.tick(), if preferred.is_some() && probe.is_none() => {
                     let ep = endpoint.clone();
                     let name = ups.server_name.clone();
@@ -352,7 +523,7 @@ impl Uplink {
                 }
                 ok = async { probe.as_mut().expect("guarded").await.unwrap_or(false) }, if probe.is_some() => {
                     probe = None;
-                    if ok {
+                    if ok && hold_until.is_none_or(|t| Instant::now() >= t) {
                         let since = *healthy_since.get_or_insert_with(Instant::now);
                         if since.elapsed() >= Duration::from_millis(ups.failback_after_ms) {
                             let _ = send.finish();
@@ -364,6 +535,9 @@ impl Uplink {
                     }
                 }
                 _ = status_tick.tick() => {
+                    let rtt = conn.rtt();
+                    self.metrics.uplink_rtt_seconds.set(rtt.as_secs_f64());
+                    self.status.lock().expect("status lock").rtt_ms = Some(rtt.as_millis() as u64);
                     // The stats read a transaction: keep it off the runtime's threads.
                     let store = self.store.clone();
                     if let Ok(Ok(stats)) = tokio::task::spawn_blocking(move || store.stats()).await {
@@ -385,6 +559,13 @@ impl Uplink {
 }
 
 impl Uplink {
+    fn set_rate(&self, effective: u64, hub: u64) {
+        self.metrics.uplink_rate_limit_bytes.set(i64::try_from(effective).unwrap_or(i64::MAX));
+        let mut st = self.status.lock().expect("status lock");
+        st.rate_limit_bytes_per_s = effective;
+        st.hub_rate_limit_bytes_per_s = hub;
+    }
+
     /// Takes a newer endpoint list from a hub: kept for the next reconnect and persisted.
     fn adopt_endpoints(&self, list: Vec<String>) {
         if list.is_empty() {
@@ -405,6 +586,21 @@ impl Uplink {
         self.status.lock().expect("status lock").endpoints = list.clone();
         *cur = list;
     }
+}
+
+/// Payload bytes per batch: under a rate limit about a second of the link, so pacing
+/// stays smooth; else a quarter of the frame limit.
+fn batch_bytes_for(rate: u64) -> usize {
+    match rate {
+        0 => MAX_FRAME_LEN / 4,
+        r => usize::try_from(r).unwrap_or(usize::MAX).clamp(16 * 1024, MAX_FRAME_LEN / 4),
+    }
+}
+
+/// How long an endpoint whose acks stalled is not failed back to: ten ack-progress
+/// timeouts, at least the fail-back delay.
+fn stall_hold_down(ups: &crate::config::UplinkSection) -> Duration {
+    Duration::from_millis(ups.ack_progress_timeout_ms.saturating_mul(10).max(ups.failback_after_ms))
 }
 
 /// One handshake with `target`, closed at once: is the endpoint healthy?
@@ -428,5 +624,49 @@ async fn sleep_until_opt(t: Option<Instant>) {
     match t {
         Some(t) => tokio::time::sleep_until(t).await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn limits_combine_to_the_lower_one() {
+        assert_eq!(lower_limit(0, 0), 0);
+        assert_eq!(lower_limit(0, 5_000), 5_000);
+        assert_eq!(lower_limit(8_000, 0), 8_000);
+        assert_eq!(lower_limit(8_000, 5_000), 5_000);
+    }
+
+    #[test]
+    fn pace_holds_writes_to_the_rate() {
+        let t0 = Instant::now();
+        let mut p = Pace::new(10_000, t0);
+        assert_eq!(p.blocked_until(t0), None, "a full bucket lets the first write through");
+        p.spend(25_000, t0);
+        // 25 kB taken from a 10 kB balance: 15 kB of debt, 1.5 s at 10 kB/s.
+        let until = p.blocked_until(t0).expect("in debt");
+        assert_eq!(until - t0, Duration::from_millis(1_500));
+        assert!(p.blocked_until(t0 + Duration::from_millis(1_499)).is_some());
+        assert_eq!(p.blocked_until(t0 + Duration::from_millis(1_500)), None);
+        // Idle time refills at most one second's worth.
+        let later = t0 + Duration::from_secs(60);
+        p.spend(10_000, later);
+        assert_eq!(p.blocked_until(later), None);
+        p.spend(1, later);
+        assert!(p.blocked_until(later).is_some());
+    }
+
+    #[test]
+    fn no_rate_never_blocks_and_a_lower_rate_caps_the_balance() {
+        let t0 = Instant::now();
+        let mut p = Pace::new(0, t0);
+        p.spend(usize::MAX / 2, t0);
+        assert_eq!(p.blocked_until(t0), None);
+        let mut p = Pace::new(100_000, t0);
+        p.set_rate(2_000, t0);
+        p.spend(3_000, t0);
+        assert_eq!(p.blocked_until(t0).map(|u| u - t0), Some(Duration::from_millis(500)));
     }
 }

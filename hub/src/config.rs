@@ -98,6 +98,10 @@ pub struct HubSection {
     /// Idle timeout of a gateway connection, milliseconds.
     #[serde(default = "default_idle")]
     pub idle_timeout_ms: u64,
+    /// Asks every gateway to send at most this many bytes per second (0: no limit), for
+    /// a region that must shed load; a gateway's own lower limit still applies.
+    #[serde(default)]
+    pub gateway_rate_limit_bytes_per_s: u64,
 }
 
 impl Default for HubSection {
@@ -110,6 +114,7 @@ impl Default for HubSection {
             endpoints: Vec::new(),
             max_connections: default_max_conns(),
             idle_timeout_ms: default_idle(),
+            gateway_rate_limit_bytes_per_s: 0,
         }
     }
 }
@@ -225,6 +230,9 @@ impl Config {
         }
         if cfg.hub.max_connections == 0 {
             return Err(bad("hub.max_connections", "must be at least 1".into()));
+        }
+        if cfg.hub.gateway_rate_limit_bytes_per_s != 0 && cfg.hub.gateway_rate_limit_bytes_per_s < 1024 {
+            return Err(bad("hub.gateway_rate_limit_bytes_per_s", "must be 0 (no limit) or at least 1024".into()));
         }
         if cfg.hub.idle_timeout_ms < 500 {
             return Err(bad("hub.idle_timeout_ms", "must be at least 500".into()));

@@ -73,6 +73,7 @@ pub async fn run(cfg: Config, shutdown: impl std::future::Future<Output = ()>) -
         metrics: Arc::new(metrics::Metrics::new()),
         fleet: Mutex::new(HashMap::new()),
         max_connections: cfg.hub.max_connections,
+        gateway_rate_limit: cfg.hub.gateway_rate_limit_bytes_per_s,
         commits: Default::default(),
         log_limit: Mutex::new(voither_proto::limit::LogLimiter::new(Duration::from_secs(10))),
         started: tokio::time::Instant::now(),

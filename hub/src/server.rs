@@ -58,6 +58,8 @@ pub struct Hub {
     pub fleet: Mutex<HashMap<String, FleetEntry>>,
     /// Most gateway connections at once (`hub.max_connections`).
     pub max_connections: u32,
+    /// Bytes per second every gateway is asked to stay under (0: no limit).
+    pub gateway_rate_limit: u64,
     /// Sink commits since start.
     pub commits: std::sync::atomic::AtomicU64,
     /// Rate limit of log lines about misbehaving peers.
@@ -101,18 +103,31 @@ impl ConnError {
     }
 }
 
-/// Test hook: with `VOITHER_HUB_FAILPOINT=exit-after-commit:N` the hub exits (code 86)
-/// right after its N-th sink commit, before the ack is sent: the crash window that
-/// effectively-once delivery must survive. Read once at start; unset in production.
+/// Test hooks, read once at start from `VOITHER_HUB_FAILPOINT`; unset in production.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Failpoint {
+    /// `exit-after-commit:N`: exit (code 86) right after the N-th sink commit, before
+    /// the ack is sent: the crash window that effectively-once delivery must survive.
+    ExitAfterCommit(u64),
+    /// `hold-acks`: answer the handshake but never commit nor ack a batch, like a hub
+    /// whose sink hangs: gateways must see acks stop making progress.
+    HoldAcks,
+}
+
+fn failpoint() -> Option<Failpoint> {
+    static AT: std::sync::OnceLock<Option<Failpoint>> = std::sync::OnceLock::new();
+    *AT.get_or_init(|| {
+        let v = std::env::var("VOITHER_HUB_FAILPOINT").ok()?;
+        if v == "hold-acks" {
+            return Some(Failpoint::HoldAcks);
+        }
+        v.strip_prefix("exit-after-commit:").and_then(|n| n.parse().ok()).map(Failpoint::ExitAfterCommit)
+    })
+}
+
 fn failpoint_after_commit(commits: &std::sync::atomic::AtomicU64) {
-    static AT: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
-    let at = AT.get_or_init(|| {
-        std::env::var("VOITHER_HUB_FAILPOINT")
-            .ok()
-            .and_then(|v| v.strip_prefix("exit-after-commit:").and_then(|n| n.parse().ok()))
-    });
     let n = commits.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
-    if *at == Some(n) {
+    if failpoint() == Some(Failpoint::ExitAfterCommit(n)) {
         tracing::error!(commit = n, "Failpoint exit-after-commit reached: exiting before the ack.");
         std::process::exit(86);
     }
@@ -259,6 +274,9 @@ async fn session(
                     }
                     debug!(gateway = %gw, ?marks, "Hello.");
                     sess.accept(&marks, 0);
+                    if hub.gateway_rate_limit > 0 {
+                        sess.command(voither_proto::Command::SlowDown(hub.gateway_rate_limit));
+                    }
                 }
                 HubEvent::Store(req) => pending.push(req),
                 HubEvent::Status(s) => {
@@ -272,11 +290,21 @@ async fn session(
                 }
             }
         }
+        if failpoint() == Some(Failpoint::HoldAcks) {
+            pending.clear();
+        }
         if !pending.is_empty() {
             let sink = hub.sink.clone();
             let g = gw.to_owned();
             let started = tokio::time::Instant::now();
+            let span = tracing::info_span!(
+                "sink_commit",
+                gateway = %gw,
+                batches = pending.len(),
+                records = pending.iter().map(|r| r.records.len()).sum::<usize>()
+            );
             let (reqs, stats) = tokio::task::spawn_blocking(move || {
+                let _entered = span.entered();
                 let r = sink.commit(&g, &pending);
                 (pending, r)
             })

@@ -284,6 +284,12 @@ impl GatewaySession {
         Ok(())
     }
 
+    /// Changes the most payload bytes of the next batches (a rate limit keeps batches
+    /// small so that pacing stays smooth). Batches in flight are not affected.
+    pub fn set_max_batch_bytes(&mut self, max_bytes: usize) {
+        self.cfg.max_batch_bytes = max_bytes.max(1);
+    }
+
     /// Sets what the next periodic `Status` report says.
     pub fn set_status(&mut self, status: Status) {
         self.status_source = Some(status);

@@ -14,8 +14,13 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// Where the workspace's binaries are: next to the running executable's folder.
+/// Where the workspace's binaries are: in `VOITHER_BIN_DIR` when it is set and has
+/// `name` (binaries of another build, for example with the feature `otlp`), otherwise
+/// next to the running executable's folder.
 pub fn bin(name: &str) -> PathBuf {
+    if let Some(p) = std::env::var_os("VOITHER_BIN_DIR").map(|d| PathBuf::from(d).join(name)).filter(|p| p.exists()) {
+        return p;
+    }
     let exe = std::env::current_exe().expect("current exe");
     let mut dir = exe.parent().expect("exe folder").to_path_buf();
     if dir.ends_with("deps") {
@@ -331,6 +336,40 @@ impl Hub {
     pub fn log_tail(&self) -> String {
         self.proc.as_ref().map_or_else(|| tail(&self.dir.join("hub.log"), 40), Proc::log_tail)
     }
+
+    /// Edits the config file like [`Gateway::set_config`]; takes effect at the next restart.
+    pub fn set_config(&self, section: &str, pairs: &[(&str, &str)]) {
+        set_toml(&self.config, section, pairs);
+    }
+}
+
+/// Puts `key = value` lines into `[section]` of a TOML file, replacing keys already set
+/// there; the section must exist.
+fn set_toml(path: &Path, section: &str, pairs: &[(&str, &str)]) {
+    let text = std::fs::read_to_string(path).expect("config file");
+    let header = format!("[{section}]");
+    let mut out: Vec<String> = Vec::new();
+    let mut inside = false;
+    let mut found = false;
+    for line in text.lines() {
+        let t = line.trim();
+        if t.starts_with('[') {
+            inside = t == header;
+            found |= inside;
+            out.push(line.into());
+            if inside {
+                out.extend(pairs.iter().map(|(k, v)| format!("{k} = {v}")));
+            }
+            continue;
+        }
+        let key = t.split('=').next().unwrap_or("").trim();
+        if inside && pairs.iter().any(|(k, _)| *k == key) {
+            continue;
+        }
+        out.push(line.into());
+    }
+    assert!(found, "no [{section}] in {}", path.display());
+    std::fs::write(path, out.join("\n") + "\n").expect("config file");
 }
 
 /// Sum of a metric's samples in a Prometheus text page at `addr`.
@@ -397,6 +436,8 @@ pub struct Gateway {
     pub config: PathBuf,
     /// Admin address.
     pub admin: SocketAddr,
+    /// Extra environment for the next (re)start, e.g. `NOTIFY_SOCKET`.
+    pub env: Vec<(String, String)>,
     dir: PathBuf,
 }
 
@@ -426,7 +467,7 @@ impl Gateway {
             ),
         )
         .expect("gateway.toml");
-        let mut g = Gateway { proc: None, config, admin, dir: dir.into() };
+        let mut g = Gateway { proc: None, config, admin, env: Vec::new(), dir: dir.into() };
         g.restart();
         g
     }
@@ -435,6 +476,7 @@ impl Gateway {
     pub fn restart(&mut self) {
         let mut cmd = Command::new(bin("voither-gateway"));
         cmd.arg("run").arg("--config").arg(&self.config).env("RUST_LOG", "info,rumqttd=warn,quinn=warn");
+        cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
         let mut p = Proc::spawn("gateway", cmd, self.dir.join("gateway.log"));
         let admin = self.admin;
         let ok = wait_for(Duration::from_secs(20), || http_get(admin, "/readyz").ok().filter(|(s, _)| *s == 200));
@@ -484,6 +526,12 @@ impl Gateway {
     /// Log tail.
     pub fn log_tail(&self) -> String {
         self.proc.as_ref().map_or_else(|| tail(&self.dir.join("gateway.log"), 40), Proc::log_tail)
+    }
+
+    /// Edits the config file: `key = value` lines are put into `[section]` (replacing
+    /// the key where it is set). Takes effect at the next (re)start.
+    pub fn set_config(&self, section: &str, pairs: &[(&str, &str)]) {
+        set_toml(&self.config, section, pairs);
     }
 }
 
