@@ -39,6 +39,8 @@ fn main() {
     let status = Frame::Status(Status {
         uptime_s: 1,
         lanes: vec![LaneStatus { lane: "a".into(), backlog_records: 1, backlog_bytes: 2, oldest_unsynced_age_ms: 3 }],
+        store_used_bytes: Some(2),
+        store_budget_bytes: Some(1 << 20),
     });
     let cmd = Frame::Command(Command::SlowDown(1000));
     let err = Frame::Error(ErrorFrame { code: 1, reason: "x".into() });

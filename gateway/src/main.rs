@@ -121,12 +121,17 @@ fn status(cfg: &Config, json: bool) -> ExitCode {
         st["store_error"].as_str().map(|e| format!("  STORE ERROR: {e}")).unwrap_or_default()
     );
     println!(
-        "uplink {} {}  hub {}  region {}  sessions {}{}",
+        "uplink {} {}  hub {}  region {}  sessions {}  rtt {}  rate limit {}{}",
         if up["connected"] == true { "connected to" } else { "trying" },
         up["endpoint"].as_str().unwrap_or("-"),
         up["hub_id"].as_str().unwrap_or("-"),
         up["region"].as_str().unwrap_or("-"),
         up["sessions"],
+        up["rtt_ms"].as_u64().map_or("-".into(), |r| format!("{r} ms")),
+        match up["rate_limit_bytes_per_s"].as_u64().unwrap_or(0) {
+            0 => "none".to_string(),
+            r => format!("{r} B/s"),
+        },
         up["last_error"].as_str().map(|e| format!("  last error: {e}")).unwrap_or_default()
     );
     println!(

@@ -348,6 +348,7 @@ impl Uplink {
             window_batches: ups.window_batches,
             max_batch_records: ups.batch_records,
             max_batch_bytes: batch_bytes_for(ups.rate_limit_bytes_per_s),
+            status_interval: Duration::from_secs(5),
             ..GatewayConfig::default()
         };
         let mut sess = GatewaySession::new(pcfg, env!("CARGO_PKG_VERSION"), self.boot_id, inits);
@@ -550,6 +551,8 @@ impl Uplink {
                                 backlog_bytes: s.bytes,
                                 oldest_unsynced_age_ms: s.oldest_ingest_ts_ms.map_or(0, |t| now.saturating_sub(t)),
                             }).collect(),
+                            store_used_bytes: Some(stats.iter().map(|s| s.bytes).sum()),
+                            store_budget_bytes: Some(self.cfg.store_max_bytes()),
                         });
                     }
                 }

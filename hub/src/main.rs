@@ -241,20 +241,24 @@ fn fleet(cfg: &Config, json: bool) -> ExitCode {
     };
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
     println!(
-        "{:<24} {:<13} {:>10} {:<12} {:>9} {:>12} {:>10} {:>9}",
-        "GATEWAY", "STATE", "LAST SEEN", "REGION", "BACKLOG", "OLDEST AGE", "STORED", "VERSION"
+        "{:<24} {:<13} {:>10} {:<12} {:>9} {:>12} {:>7} {:>10} {:>9}",
+        "GATEWAY", "STATE", "LAST SEEN", "REGION", "BACKLOG", "OLDEST AGE", "STORE", "STORED", "VERSION"
     );
     for r in &rows {
         let u = |k: &str| r[k].as_u64().unwrap_or(0);
         let s = |k: &str| r[k].as_str().unwrap_or("").to_string();
         println!(
-            "{:<24} {:<13} {:>9}s {:<12} {:>9} {:>11.1}s {:>10} {:>9}",
+            "{:<24} {:<13} {:>9}s {:<12} {:>9} {:>11.1}s {:>7} {:>10} {:>9}",
             s("gateway"),
             s("state"),
             now.saturating_sub(u("last_seen_ms")) / 1000,
             s("region"),
             u("backlog_records"),
             u("oldest_unsynced_age_ms") as f64 / 1000.0,
+            match u("store_budget_bytes") {
+                0 => "-".to_string(),
+                b => format!("{:.1}%", u("store_used_bytes") as f64 * 100.0 / b as f64),
+            },
             u("stored_records"),
             s("agent_version")
         );

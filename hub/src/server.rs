@@ -41,6 +41,10 @@ pub struct FleetEntry {
     pub uptime_s: u64,
     /// Bytes the gateway still holds, from its last status.
     pub backlog_bytes: u64,
+    /// Bytes its store holds, from its last status.
+    pub store_used_bytes: u64,
+    /// Its store's budget, from its last status (0: not reported).
+    pub store_budget_bytes: u64,
     /// Records stored at this hub from this gateway since the hub started.
     pub stored_records: u64,
 }
@@ -285,6 +289,8 @@ async fn session(
                         e.backlog_bytes = s.lanes.iter().map(|l| l.backlog_bytes).sum();
                         e.oldest_unsynced_age_ms = s.lanes.iter().map(|l| l.oldest_unsynced_age_ms).max().unwrap_or(0);
                         e.uptime_s = s.uptime_s;
+                        e.store_used_bytes = s.store_used_bytes.unwrap_or(0);
+                        e.store_budget_bytes = s.store_budget_bytes.unwrap_or(0);
                         e.last_seen_ms = unix_ms();
                     }
                 }

@@ -240,6 +240,12 @@ pub struct Status {
     /// Per lane backlog.
     #[n(1)]
     pub lanes: Vec<LaneStatus>,
+    /// Bytes of records held in the gateway's store (what its budget limits).
+    #[n(2)]
+    pub store_used_bytes: Option<u64>,
+    /// The store's budget, bytes.
+    #[n(3)]
+    pub store_budget_bytes: Option<u64>,
 }
 
 /// Backlog of one lane in a [`Status`].

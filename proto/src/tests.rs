@@ -237,6 +237,8 @@ mod sim {
                         oldest_unsynced_age_ms: 0,
                     })
                     .collect(),
+                store_used_bytes: Some(self.lanes.values().map(|l| l.bytes).sum()),
+                store_budget_bytes: None,
             }
         }
     }

@@ -71,4 +71,24 @@ fn twenty_thousand_messages_arrive_exactly_once_in_order() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(fleet.contains("gw-1") && fleet.contains("connected") && fleet.contains("1 gateway(s)"), "{fleet}");
     println!("{fleet}");
+
+    // The gateway's periodic Status (every 5 s) carries its store use and budget to /fleet.
+    let reported = voither_tests::procs::wait_for(Duration::from_secs(30), || {
+        let (_, body) = voither_tests::procs::http_get(lab.hub.admin, "/fleet").ok()?;
+        let rows: serde_json::Value = serde_json::from_str(&body).ok()?;
+        let gw = rows.as_array()?.iter().find(|r| r["gateway"] == "gw-1")?.clone();
+        (gw["store_budget_bytes"].as_u64()? > 0).then_some(gw)
+    });
+    let gw = reported.unwrap_or_else(|| {
+        panic!(
+            "no Status with the store budget reached /fleet
+{}",
+            lab.logs()
+        )
+    });
+    assert_eq!(
+        gw["store_budget_bytes"].as_u64(),
+        lab.gateway.metric("voither_gateway_store_budget_bytes").map(|b| b as u64)
+    );
+    assert_eq!(gw["backlog_records"], 0);
 }
