@@ -25,9 +25,14 @@ cargo fmt --all --check
 echo "==> cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 cargo clippy -p voither-gateway --features sensors --all-targets --locked -- -D warnings
+cargo clippy -p voither-gateway -p voither-hub -p voither-telemetry --features otlp --all-targets --locked -- -D warnings
 echo "==> cargo build (binaries used by the end-to-end tests)"
 cargo build --workspace --bins --locked
+echo "==> systemd units and Kubernetes manifests"
+scripts/check-ship.sh
 echo "==> cargo test"
 cargo test --workspace --locked -- --test-threads=2
 echo "==> cargo test (gateway with the sensors feature)"
 cargo test -p voither-gateway --features sensors --locked
+echo "==> cargo test (telemetry with the otlp feature)"
+cargo test -p voither-telemetry --features otlp --locked

@@ -18,6 +18,7 @@ fn main() {
             LaneCursor { lane: "b".into(), oldest_unacked: 10, next_seq: 20 },
         ],
         capabilities: vec!["gaps".into()],
+        manifest_version: Some(1),
     });
     let welcome = Frame::Welcome(Welcome {
         hub_id: "h".into(),
@@ -41,6 +42,8 @@ fn main() {
         lanes: vec![LaneStatus { lane: "a".into(), backlog_records: 1, backlog_bytes: 2, oldest_unsynced_age_ms: 3 }],
         store_used_bytes: Some(2),
         store_budget_bytes: Some(1 << 20),
+        manifest_version: None,
+        workloads: None,
     });
     let cmd = Frame::Command(Command::SlowDown(1000));
     let err = Frame::Error(ErrorFrame { code: 1, reason: "x".into() });

@@ -34,6 +34,8 @@ pub struct AdminState {
     pub lanes: Vec<crate::store::LaneSpec>,
     /// The store's total budget.
     pub store_budget: u64,
+    /// Workloads.
+    pub workloads: Arc<crate::workloads::Workloads>,
 }
 
 /// The router.
@@ -132,6 +134,13 @@ struct StatusView {
     mqtt: MqttView,
     lanes: Vec<LaneView>,
     uplink: UplinkStatus,
+    workloads: WorkloadsView,
+}
+
+#[derive(serde::Serialize)]
+struct WorkloadsView {
+    manifest_version: u64,
+    items: Vec<voither_proto::WorkloadState>,
 }
 
 async fn status(State(s): State<Arc<AdminState>>) -> Response {
@@ -185,6 +194,7 @@ async fn status(State(s): State<Arc<AdminState>>) -> Response {
         },
         lanes,
         uplink: s.uplink.lock().expect("status lock").clone(),
+        workloads: WorkloadsView { manifest_version: s.workloads.version(), items: s.workloads.states() },
     })
     .into_response()
 }

@@ -114,6 +114,85 @@ pub struct Config {
     /// a build without the feature refuses to run with sensors configured.
     #[serde(default)]
     pub sensors: Vec<SensorConfig>,
+    /// Signed workloads the gateway runs and keeps running offline.
+    #[serde(default)]
+    pub workloads: WorkloadsSection,
+}
+
+/// `[workloads]`: signed manifests, cached and run by the gateway.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkloadsSection {
+    /// Ed25519 public keys (base64 of the 32 bytes) whose manifests are trusted. Empty:
+    /// no manifest is accepted and nothing runs.
+    #[serde(default)]
+    pub trusted_keys: Vec<String>,
+    /// `process` (child processes supervised by the gateway) or `static-pod` (manifests
+    /// written into the kubelet's static pod folder on k3s nodes).
+    #[serde(default)]
+    pub runtime: WorkloadRuntime,
+    /// The kubelet's static pod folder (runtime `static-pod`).
+    #[serde(default = "default_static_pod_dir")]
+    pub static_pod_dir: PathBuf,
+    /// Lane that receives the workloads' output lines (runtime `process`).
+    #[serde(default = "default_logs_lane")]
+    pub logs_lane: String,
+    /// Between SIGTERM and SIGKILL when a workload is stopped, milliseconds.
+    #[serde(default = "default_stop_grace")]
+    pub stop_grace_ms: u64,
+    /// Longer output lines are cut to this many bytes.
+    #[serde(default = "default_max_line")]
+    pub max_line_bytes: usize,
+}
+
+impl Default for WorkloadsSection {
+    fn default() -> Self {
+        Self {
+            trusted_keys: Vec::new(),
+            runtime: WorkloadRuntime::default(),
+            static_pod_dir: default_static_pod_dir(),
+            logs_lane: default_logs_lane(),
+            stop_grace_ms: default_stop_grace(),
+            max_line_bytes: default_max_line(),
+        }
+    }
+}
+
+/// Where workloads run.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum WorkloadRuntime {
+    /// Child processes of the gateway.
+    #[default]
+    Process,
+    /// Static pods of the node's kubelet (k3s).
+    StaticPod,
+}
+
+fn default_static_pod_dir() -> PathBuf {
+    PathBuf::from("/var/lib/rancher/k3s/agent/pod-manifests")
+}
+fn default_logs_lane() -> String {
+    "logs".into()
+}
+const fn default_stop_grace() -> u64 {
+    10_000
+}
+const fn default_max_line() -> usize {
+    4096
+}
+
+impl WorkloadsSection {
+    /// The pinned keys, decoded (checked at parse time).
+    pub fn keys(&self) -> Vec<[u8; 32]> {
+        self.trusted_keys.iter().filter_map(|k| decode_key(k).ok()).collect()
+    }
+}
+
+fn decode_key(k: &str) -> Result<[u8; 32], String> {
+    use base64::Engine;
+    let b = base64::engine::general_purpose::STANDARD.decode(k.trim()).map_err(|e| format!("not base64: {e}"))?;
+    <[u8; 32]>::try_from(b.as_slice()).map_err(|_| format!("{} bytes, an Ed25519 public key has 32", b.len()))
 }
 
 /// `[gateway]`
@@ -555,7 +634,13 @@ impl Config {
             })?;
         }
         let base = path.parent().unwrap_or(Path::new("."));
-        for p in [&mut cfg.gateway.data_dir, &mut cfg.uplink.ca, &mut cfg.uplink.cert, &mut cfg.uplink.key] {
+        for p in [
+            &mut cfg.gateway.data_dir,
+            &mut cfg.uplink.ca,
+            &mut cfg.uplink.cert,
+            &mut cfg.uplink.key,
+            &mut cfg.workloads.static_pod_dir,
+        ] {
             if p.is_relative() {
                 *p = base.join(&*p);
             }
@@ -573,6 +658,30 @@ impl Config {
 
     fn validate(&self, path: &Path) -> Result<(), ConfigError> {
         let bad = |key: &str, message: String| ConfigError::Invalid { path: path.into(), key: key.into(), message };
+        let w = &self.workloads;
+        for (i, k) in w.trusted_keys.iter().enumerate() {
+            decode_key(k).map_err(|m| bad(&format!("workloads.trusted_keys[{i}]"), m))?;
+        }
+        if !w.trusted_keys.is_empty()
+            && w.runtime == WorkloadRuntime::Process
+            && !self.lanes.iter().any(|l| l.name == w.logs_lane)
+        {
+            let names: Vec<&str> = self.lanes.iter().map(|l| l.name.as_str()).collect();
+            return Err(bad(
+                "workloads.logs_lane",
+                format!(
+                    "{:?} is not a configured lane (lanes: {}); add a [[lanes]] for workload output",
+                    w.logs_lane,
+                    names.join(", ")
+                ),
+            ));
+        }
+        if !(64..=65_536).contains(&w.max_line_bytes) {
+            return Err(bad("workloads.max_line_bytes", "must be between 64 and 65536".into()));
+        }
+        if w.stop_grace_ms > 600_000 {
+            return Err(bad("workloads.stop_grace_ms", "must be at most 600000 (10 minutes)".into()));
+        }
         if self.lanes.is_empty() {
             return Err(bad("lanes", "at least one lane is needed".into()));
         }
@@ -840,6 +949,12 @@ key = "gw.key"
             ("[[lanes]]\nname = \"a\"\ntopics = [\"x/#/y\"]\n", "lanes[0].topics[0]"),
             ("[[lanes]]\nname = \"a\"\n[[lanes]]\nname = \"a\"\n", "lanes[1].name"),
             ("[mqtt]\nmax_payload_bytes = 0\n", "mqtt.max_payload_bytes"),
+            ("[workloads]\ntrusted_keys = [\"bm90IGEga2V5\"]\n", "workloads.trusted_keys[0]"),
+            ("[workloads]\ntrusted_keys = [\"%%%\"]\n", "workloads.trusted_keys[0]"),
+            // 32 zero bytes is a well-formed key; then the logs lane must exist.
+            ("[workloads]\ntrusted_keys = [\"AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=\"]\n", "workloads.logs_lane"),
+            ("[workloads]\nmax_line_bytes = 1\n", "workloads.max_line_bytes"),
+            ("[workloads]\nruntime = \"docker\"\n", "runtime"),
         ];
         for (extra, key) in cases {
             let err = Config::parse(&format!("{extra}{MIN}"), Path::new("g.toml")).unwrap_err().to_string();

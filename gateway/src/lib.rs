@@ -10,6 +10,7 @@
 #![warn(missing_docs)]
 
 pub mod admin;
+pub mod appender;
 #[cfg(feature = "embedded-broker")]
 pub mod broker;
 pub mod config;
@@ -17,9 +18,12 @@ pub mod ingest;
 pub mod metrics;
 #[cfg(feature = "sensors")]
 pub mod sensors;
+pub mod static_pod;
 pub mod store;
+pub mod supervisor;
 pub mod tls;
 pub mod uplink;
+pub mod workloads;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -100,6 +104,9 @@ impl Heartbeat {
     }
 }
 
+/// Workload output lines waiting for the store, at most (more are dropped and counted).
+const WORKLOAD_LOG_LINES: usize = 4096;
+
 /// Errors that stop the agent at start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -168,6 +175,30 @@ pub async fn run(
         Arc::new(tokio::task::spawn_blocking(move || open_store(&cfg, &metrics)).await.expect("open task")?)
     };
     let heartbeat = Arc::new(Heartbeat::default());
+    // Workloads: the cached manifest's workloads start here, before and without a hub.
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let appended = Arc::new(Notify::new());
+    let (log_tx, log_rx) = tokio::sync::mpsc::channel(WORKLOAD_LOG_LINES);
+    let log_task = tokio::spawn(appender::append_loop(
+        log_rx,
+        store.clone(),
+        metrics.clone(),
+        appended.clone(),
+        stop_rx.clone(),
+        WORKLOAD_LOG_LINES,
+    ));
+    let supervisor = supervisor::Supervisor::new(
+        log_tx,
+        metrics.clone(),
+        cfg.workloads.logs_lane.clone(),
+        Duration::from_millis(cfg.workloads.stop_grace_ms),
+        cfg.workloads.max_line_bytes,
+    );
+    let workloads = Arc::new(
+        workloads::Workloads::new(&cfg, metrics.clone(), supervisor)
+            .map_err(|source| StartError::DataDir { path: dir.join("workloads"), source })?,
+    );
+    workloads.start_cached().await;
     let uplink_status = Arc::new(Mutex::new(uplink::UplinkStatus::default()));
     let admin_state = Arc::new(admin::AdminState {
         store: store.clone(),
@@ -177,6 +208,7 @@ pub async fn run(
         ready: AtomicBool::new(false),
         lanes: cfg.lane_specs(),
         store_budget: cfg.store_max_bytes(),
+        workloads: workloads.clone(),
     });
     let listener = tokio::net::TcpListener::bind(cfg.admin.listen)
         .await
@@ -194,8 +226,6 @@ pub async fn run(
         return Err(StartError::NoBroker);
     }
 
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let appended = Arc::new(Notify::new());
     let space = Arc::new(Notify::new());
     let maintenance =
         tokio::spawn(maintain(store.clone(), metrics.clone(), appended.clone(), space.clone(), stop_rx.clone()));
@@ -232,6 +262,7 @@ pub async fn run(
         space,
         heartbeat,
         boot_id: rand::random(),
+        workloads: Some(workloads.clone()),
         endpoints: Mutex::new(
             uplink::load_endpoints(&cfg.gateway.data_dir).unwrap_or_else(|| cfg.uplink.endpoints.clone()),
         ),
@@ -266,6 +297,9 @@ pub async fn run(
             let _ = t.await;
         }
         let _ = uplink_task.await;
+        workloads.shutdown().await;
+        // Output lines already queued get their commit; the task itself waits forever.
+        let _ = tokio::time::timeout(Duration::from_secs(1), log_task).await;
         let _ = admin_task.await;
         let _ = maintenance.await;
     })

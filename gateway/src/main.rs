@@ -25,6 +25,16 @@ enum Command {
         /// How long to drain on shutdown before stopping anyway, seconds.
         #[arg(long, default_value_t = 10)]
         grace_s: u64,
+        /// Log JSON lines instead of human-readable text (same as `[log] json = true`).
+        /// `RUST_LOG` picks the lines (default `info,rumqttd=warn,quinn=warn`).
+        #[arg(long)]
+        log_json: bool,
+        /// Export tracing spans (`sync_batch`: batch sent until the hub acked it durable)
+        /// over OTLP/HTTP (JSON, plain http) to `<URL>/v1/traces`, e.g. `http://127.0.0.1:4318`.
+        /// Needs a build with the cargo feature `otlp`; other builds log a warning and
+        /// export nothing. Spans exported: `VOITHER_OTLP_FILTER` (default: INFO spans).
+        #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT", value_name = "URL")]
+        otlp_endpoint: Option<String>,
     },
     /// Check a configuration file and exit (0 if valid, 64 if not).
     CheckConfig {
@@ -198,9 +208,11 @@ fn store_check(config: Option<PathBuf>, file: Option<PathBuf>) -> ExitCode {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let (path, grace) = match cli.command {
-        Command::Run { ref config, grace_s } => (config, Some(grace_s)),
-        Command::CheckConfig { ref config } => (config, None),
+    let (path, grace, log_json, otlp_endpoint) = match cli.command {
+        Command::Run { ref config, grace_s, log_json, ref otlp_endpoint } => {
+            (config, Some(grace_s), log_json, otlp_endpoint.clone())
+        }
+        Command::CheckConfig { ref config } => (config, None, false, None),
         Command::Store { command: StoreCommand::Check { config, file } } => return store_check(config, file),
         Command::Status { ref config, json } => {
             return match Config::load(config, &ProcessEnv) {
@@ -223,9 +235,18 @@ fn main() -> ExitCode {
         println!("{}: ok", path.display());
         return ExitCode::SUCCESS;
     };
-    init_tracing(cfg.log.json);
+    let telemetry = voither_telemetry::init(voither_telemetry::Options {
+        service: "voither-gateway",
+        version: env!("CARGO_PKG_VERSION"),
+        // The gateway's id is in its certificate, which only the hub reads: the host
+        // name stands for it.
+        instance_id: None,
+        json: log_json || cfg.log.json,
+        default_filter: "info,rumqttd=warn,quinn=warn",
+        otlp_endpoint,
+    });
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
-    match rt.block_on(voither_gateway::run(cfg, shutdown_signal(), Duration::from_secs(grace))) {
+    let code = match rt.block_on(voither_gateway::run(cfg, shutdown_signal(), Duration::from_secs(grace))) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             let mut msg = format!("voither-gateway: {e}");
@@ -237,18 +258,11 @@ fn main() -> ExitCode {
             eprintln!("{msg}");
             ExitCode::from(1)
         }
-    }
-}
-
-fn init_tracing(json: bool) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rumqttd=warn,quinn=warn"));
-    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    if json {
-        b.json().init();
-    } else {
-        b.init();
-    }
+    };
+    // Spans still open close with the tasks that hold them; then export what is queued.
+    drop(rt);
+    telemetry.shutdown(Duration::from_secs(3));
+    code
 }
 
 async fn shutdown_signal() {

@@ -39,6 +39,20 @@ pub struct EndpointLabel {
     pub endpoint: String,
 }
 
+/// Label set `{workload}`.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WorkloadLabel {
+    /// Workload name.
+    pub workload: String,
+}
+
+/// Label set `{reason}`.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    /// Why.
+    pub reason: String,
+}
+
 /// Every metric the gateway exports.
 #[derive(Debug)]
 pub struct Metrics {
@@ -95,6 +109,16 @@ pub struct Metrics {
     pub uplink_rate_limit_bytes: Gauge,
     /// Sessions ended because batches were in flight and acks stopped making progress.
     pub uplink_ack_stalls: Counter,
+    /// Version of the workload manifest in use (0: none).
+    pub manifest_version: Gauge,
+    /// Manifests refused, by reason.
+    pub manifest_refusals: Family<ReasonLabel, Counter>,
+    /// 1 while a workload's process runs.
+    pub workload_running: Family<WorkloadLabel, Gauge>,
+    /// Restarts of a workload.
+    pub workload_restarts: Family<WorkloadLabel, Counter>,
+    /// Output lines of a workload dropped because the store could not keep up.
+    pub workload_log_dropped: Family<WorkloadLabel, Counter>,
     /// Time to make a batch durable.
     pub store_commit_seconds: Histogram,
     /// Size of the store file.
@@ -147,6 +171,11 @@ impl Metrics {
             uplink_ack_latency_seconds: Histogram::new(exponential_buckets(0.000_5, 2.0, 16)),
             uplink_rate_limit_bytes: Gauge::default(),
             uplink_ack_stalls: Counter::default(),
+            manifest_version: Gauge::default(),
+            manifest_refusals: Family::default(),
+            workload_running: Family::default(),
+            workload_restarts: Family::default(),
+            workload_log_dropped: Family::default(),
             store_commit_seconds: Histogram::new(exponential_buckets(0.000_25, 2.0, 14)),
             store_disk_bytes: Gauge::default(),
             store_budget_bytes: Gauge::default(),
@@ -240,6 +269,23 @@ impl Metrics {
             "uplink_ack_stalls",
             "Hub sessions ended because batches were in flight and no ack came within uplink.ack_progress_timeout_ms",
             m.uplink_ack_stalls.clone(),
+        );
+        registry.register(
+            "manifest_version",
+            "Version of the workload manifest in use (0: none)",
+            m.manifest_version.clone(),
+        );
+        registry.register(
+            "manifest_refusals",
+            "Workload manifests refused (unknown_key, bad_signature, invalid, rollback, artifact, io, no_keys)",
+            m.manifest_refusals.clone(),
+        );
+        registry.register("workload_running", "1 while the workload's process runs", m.workload_running.clone());
+        registry.register("workload_restarts", "Restarts of a workload", m.workload_restarts.clone());
+        registry.register(
+            "workload_log_dropped_lines",
+            "Output lines of a workload dropped because the store could not keep up",
+            m.workload_log_dropped.clone(),
         );
         registry.register(
             "store_commit_seconds",

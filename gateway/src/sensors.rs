@@ -358,7 +358,7 @@ pub async fn run_with<I2C, D, F>(
         }
     }
     drop(tx);
-    append_loop(rx, store, metrics, appended, shutdown).await;
+    crate::appender::append_loop(rx, store, metrics, appended, shutdown, CHANNEL_RECORDS).await;
     // Every sender is gone, so every thread has left its loop: joining does not wait.
     let _ = tokio::task::spawn_blocking(move || {
         for t in threads {
@@ -412,58 +412,6 @@ fn poll_loop<I2C, D, F>(
         });
         if !sent {
             break;
-        }
-    }
-}
-
-/// Appends what the sensor threads send, in batches of whatever is waiting, until
-/// every thread has stopped.
-async fn append_loop(
-    mut rx: mpsc::Receiver<NewRecord>,
-    store: Arc<Store>,
-    metrics: Arc<Metrics>,
-    appended: Arc<Notify>,
-    mut shutdown: watch::Receiver<bool>,
-) {
-    let mut limit = LogLimiter::new(Duration::from_secs(10));
-    let started = tokio::time::Instant::now();
-    let mut batch: Vec<NewRecord> = Vec::new();
-    while rx.recv_many(&mut batch, CHANNEL_RECORDS).await > 0 {
-        let records = Arc::new(std::mem::take(&mut batch));
-        let mut wait = Duration::from_millis(50);
-        loop {
-            let (s, r) = (store.clone(), records.clone());
-            let t = tokio::time::Instant::now();
-            let e = match tokio::task::spawn_blocking(move || s.append_batch(r.as_slice(), &[])).await {
-                Ok(Ok(app)) => {
-                    metrics.store_commit_seconds.observe(t.elapsed().as_secs_f64());
-                    for r in records.iter() {
-                        let l = Metrics::lane(&r.lane);
-                        metrics.ingested_records.get_or_create(&l).inc();
-                        metrics.ingested_bytes.get_or_create(&l).inc_by(r.payload.len() as u64);
-                        metrics.stored_records.get_or_create(&l).inc();
-                    }
-                    metrics.evicted(&app.evicted);
-                    appended.notify_one();
-                    break;
-                }
-                Ok(Err(e)) => e.to_string(),
-                Err(e) => format!("store task failed: {e}"),
-            };
-            if *shutdown.borrow() {
-                error!(records = records.len(), error = %e, "Shutting down; sensor readings not stored are lost.");
-                break;
-            }
-            // A full backpressure lane or a disk error: keep the readings and retry;
-            // meanwhile the channel fills and the sensor threads wait.
-            if let Some(suppressed) = limit.allow("append", started.elapsed()) {
-                warn!(records = records.len(), error = %e, suppressed, retry_in_ms = wait.as_millis() as u64, "Cannot store sensor readings yet, retrying.");
-            }
-            tokio::select! {
-                _ = shutdown.wait_for(|s| *s) => {}
-                _ = tokio::time::sleep(wait) => {}
-            }
-            wait = (wait * 2).min(Duration::from_secs(5));
         }
     }
 }

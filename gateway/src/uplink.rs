@@ -205,6 +205,112 @@ pub struct Uplink {
     pub boot_id: u64,
     /// Ordered hub endpoints: the persisted list a hub sent, else the config's.
     pub endpoints: Mutex<Vec<String>>,
+    /// Workloads, which take manifests and artifacts from the hub (None: not handled).
+    pub workloads: Option<Arc<crate::workloads::Workloads>>,
+}
+
+/// A manifest whose artifacts are being fetched in this session.
+#[derive(Debug)]
+struct PendingManifest {
+    signed: voither_proto::SignedManifest,
+    manifest: voither_proto::workload::Manifest,
+    queue: VecDeque<voither_proto::workload::Artifact>,
+    current: Option<crate::workloads::Download>,
+}
+
+impl Uplink {
+    /// A manifest arrived: verify it, then fetch what it needs or install it.
+    async fn on_manifest(
+        &self,
+        sess: &mut GatewaySession,
+        signed: voither_proto::SignedManifest,
+    ) -> Option<PendingManifest> {
+        let w = self.workloads.as_ref()?;
+        let manifest = match w.verify(&signed) {
+            Ok(m) => m,
+            Err(r) => {
+                w.refused(&r, "hub");
+                return None;
+            }
+        };
+        let queue: VecDeque<_> = w.missing(&manifest).into();
+        info!(
+            version = manifest.version,
+            artifacts_to_fetch = queue.len(),
+            "Hub sent a workload manifest; signature verified."
+        );
+        self.next_artifact(sess, PendingManifest { signed, manifest, queue, current: None }).await
+    }
+
+    /// Starts the next artifact download, or installs the manifest when none is left.
+    async fn next_artifact(&self, sess: &mut GatewaySession, mut p: PendingManifest) -> Option<PendingManifest> {
+        let w = self.workloads.as_ref()?;
+        match p.queue.pop_front() {
+            Some(a) => match w.download(&a) {
+                Ok(d) => {
+                    sess.fetch_artifact(voither_proto::FetchArtifact {
+                        sha256: a.sha256.clone(),
+                        offset: 0,
+                        max_len: voither_proto::workload::MAX_CHUNK,
+                    });
+                    p.current = Some(d);
+                    Some(p)
+                }
+                Err(r) => {
+                    w.refused(&r, "hub");
+                    None
+                }
+            },
+            None => {
+                if let Err(r) = w.install(&p.signed, p.manifest).await {
+                    w.refused(&r, "hub");
+                }
+                None
+            }
+        }
+    }
+
+    /// A piece of the artifact being fetched.
+    async fn on_chunk(
+        &self,
+        sess: &mut GatewaySession,
+        mut p: PendingManifest,
+        c: voither_proto::ArtifactChunk,
+    ) -> Option<PendingManifest> {
+        let w = self.workloads.as_ref()?;
+        let Some(mut d) = p.current.take() else { return Some(p) };
+        if d.artifact.sha256 != c.sha256 {
+            p.current = Some(d);
+            return Some(p);
+        }
+        let step = if c.found {
+            d.write(c.offset, &c.data)
+        } else {
+            Err(crate::workloads::Refusal::Artifact {
+                name: d.artifact.name.clone(),
+                problem: "the hub does not have it".into(),
+            })
+        };
+        if let Err(r) = step {
+            d.abandon();
+            w.refused(&r, "hub");
+            return None;
+        }
+        if !d.complete() {
+            sess.fetch_artifact(voither_proto::FetchArtifact {
+                sha256: c.sha256,
+                offset: d.written,
+                max_len: voither_proto::workload::MAX_CHUNK,
+            });
+            p.current = Some(d);
+            return Some(p);
+        }
+        if let Err(r) = d.finish() {
+            w.refused(&r, "hub");
+            return None;
+        }
+        self.next_artifact(sess, p).await
+    }
 }
 
 impl Uplink {
@@ -352,6 +458,10 @@ impl Uplink {
             ..GatewayConfig::default()
         };
         let mut sess = GatewaySession::new(pcfg, env!("CARGO_PKG_VERSION"), self.boot_id, inits);
+        if let Some(w) = &self.workloads {
+            sess.set_manifest_version(w.version());
+        }
+        let mut pending: Option<PendingManifest> = None;
         let origin = Instant::now();
         let mut dec = FrameDecoder::new(MAX_FRAME_LEN);
         let mut buf = vec![0u8; 64 * 1024];
@@ -426,6 +536,17 @@ impl Uplink {
                     }
                     GatewayEvent::Command(c) => {
                         info!(command = ?c, "Hub command received; this version does not act on it.");
+                    }
+                    GatewayEvent::Manifest(m) => {
+                        if let Some(d) = pending.take().and_then(|p| p.current) {
+                            d.abandon();
+                        }
+                        pending = self.on_manifest(&mut sess, m).await;
+                    }
+                    GatewayEvent::ArtifactChunk(c) => {
+                        if let Some(p) = pending.take() {
+                            pending = self.on_chunk(&mut sess, p, c).await;
+                        }
                     }
                 }
             }
@@ -553,6 +674,8 @@ impl Uplink {
                             }).collect(),
                             store_used_bytes: Some(stats.iter().map(|s| s.bytes).sum()),
                             store_budget_bytes: Some(self.cfg.store_max_bytes()),
+                            manifest_version: self.workloads.as_ref().map(|w| w.version()),
+                            workloads: self.workloads.as_ref().map(|w| w.states()),
                         });
                     }
                 }

@@ -71,6 +71,25 @@ pub struct Config {
     /// Logging.
     #[serde(default)]
     pub log: LogSection,
+    /// Signed workload manifests and artifacts served to gateways.
+    #[serde(default)]
+    pub workloads: WorkloadsSection,
+}
+
+/// `[workloads]`: where signed manifests and artifacts are.
+///
+/// A gateway gets `<dir>/<gateway-id>.signed` if it exists, else the file of the first
+/// group (in `groups`) that lists it, `<dir>/<group>.signed`, else `<dir>/default.signed`.
+/// Artifacts are any files in `<dir>/artifacts/`, found by their SHA-256.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkloadsSection {
+    /// The folder (empty: no workloads are served).
+    #[serde(default)]
+    pub dir: Option<PathBuf>,
+    /// Gateway groups: group name → gateway ids.
+    #[serde(default)]
+    pub groups: std::collections::BTreeMap<String, Vec<String>>,
 }
 
 /// `[hub]`
@@ -209,7 +228,11 @@ impl Config {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
         let mut cfg = Self::parse(&text, path)?;
         let base = path.parent().unwrap_or(Path::new("."));
-        for p in [&mut cfg.hub.data_dir, &mut cfg.tls.ca, &mut cfg.tls.cert, &mut cfg.tls.key] {
+        let mut paths = vec![&mut cfg.hub.data_dir, &mut cfg.tls.ca, &mut cfg.tls.cert, &mut cfg.tls.key];
+        if let Some(d) = cfg.workloads.dir.as_mut() {
+            paths.push(d);
+        }
+        for p in paths {
             if p.is_relative() {
                 *p = base.join(&*p);
             }
@@ -233,6 +256,14 @@ impl Config {
         }
         if cfg.hub.gateway_rate_limit_bytes_per_s != 0 && cfg.hub.gateway_rate_limit_bytes_per_s < 1024 {
             return Err(bad("hub.gateway_rate_limit_bytes_per_s", "must be 0 (no limit) or at least 1024".into()));
+        }
+        for g in cfg.workloads.groups.keys() {
+            if !voither_proto::workload::valid_name(g) || g == "default" {
+                return Err(bad(
+                    &format!("workloads.groups.{g}"),
+                    "a group name is 1 to 63 of A-Z a-z 0-9 - _, and not \"default\"".into(),
+                ));
+            }
         }
         if cfg.hub.idle_timeout_ms < 500 {
             return Err(bad("hub.idle_timeout_ms", "must be at least 500".into()));

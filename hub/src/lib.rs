@@ -14,6 +14,8 @@ pub mod pki;
 pub mod server;
 pub mod sink;
 pub mod tls;
+pub mod watchdog;
+pub mod workloads;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -74,6 +76,7 @@ pub async fn run(cfg: Config, shutdown: impl std::future::Future<Output = ()>) -
         fleet: Mutex::new(HashMap::new()),
         max_connections: cfg.hub.max_connections,
         gateway_rate_limit: cfg.hub.gateway_rate_limit_bytes_per_s,
+        catalog: Arc::new(workloads::Catalog::new(&cfg.workloads)),
         commits: Default::default(),
         log_limit: Mutex::new(voither_proto::limit::LogLimiter::new(Duration::from_secs(10))),
         started: tokio::time::Instant::now(),
@@ -106,7 +109,24 @@ pub async fn run(cfg: Config, shutdown: impl std::future::Future<Output = ()>) -
     let server = tokio::spawn(server::serve(hub.clone(), endpoint.clone(), stop_rx));
     info!(listen = %cfg.hub.listen, admin = %cfg.admin.listen, hub = %cfg.hub.id, region = %cfg.hub.region, "Hub running.");
     notify_systemd("READY=1");
-    shutdown.await;
+    match watchdog::interval(&|k| std::env::var(k).ok(), std::process::id()) {
+        // Alive: the accept loop and the admin server run, and the sink answers a read.
+        Some(every) => {
+            let alive = || {
+                let (server, admin, sink) = (&server, &admin, hub.sink.clone());
+                async move {
+                    let read = tokio::task::spawn_blocking(move || sink.marks("", &[]).is_ok());
+                    let sink_ok = matches!(tokio::time::timeout(every, read).await, Ok(Ok(true)));
+                    sink_ok && !server.is_finished() && !admin.is_finished()
+                }
+            };
+            tokio::select! {
+                () = shutdown => {}
+                () = watchdog::run(every, alive, notify_systemd) => {}
+            }
+        }
+        None => shutdown.await,
+    }
     info!("Shutting down.");
     let _ = stop_tx.send(true);
     let _ = tokio::time::timeout(Duration::from_secs(5), async {

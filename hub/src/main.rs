@@ -22,6 +22,16 @@ enum Command {
         /// Configuration file (TOML).
         #[arg(short, long, env = "VOITHER_HUB_CONFIG")]
         config: PathBuf,
+        /// Log JSON lines instead of human-readable text (same as `[log] json = true`).
+        /// `RUST_LOG` picks the lines (default `info,quinn=warn`).
+        #[arg(long)]
+        log_json: bool,
+        /// Export tracing spans (`sink_commit`: one sink commit) over OTLP/HTTP (JSON,
+        /// plain http) to `<URL>/v1/traces`, e.g. `http://127.0.0.1:4318`. Needs a build
+        /// with the cargo feature `otlp`; other builds log a warning and export nothing.
+        /// Spans exported: `VOITHER_OTLP_FILTER` (default: INFO spans).
+        #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT", value_name = "URL")]
+        otlp_endpoint: Option<String>,
     },
     /// Print stored records and gaps as JSON lines (payload in base64).
     ///
@@ -37,6 +47,11 @@ enum Command {
         /// Only this lane.
         #[arg(long)]
         lane: Option<String>,
+    },
+    /// Workload manifests: make a signing key, sign a manifest (offline tools).
+    Workloads {
+        #[command(subcommand)]
+        command: WorkloadsCommand,
     },
     /// Create a CA, a hub certificate and gateway certificates for trying things out.
     Pki {
@@ -91,19 +106,95 @@ fn report(e: &dyn std::error::Error) -> ExitCode {
     ExitCode::from(1)
 }
 
+#[derive(Debug, Subcommand)]
+enum WorkloadsCommand {
+    /// Make an Ed25519 signing key: writes OUT.key (keep it offline, mode 0600) and
+    /// OUT.pub, the public key that gateways pin in `workloads.trusted_keys`.
+    Keygen {
+        /// Path without extension, e.g. `keys/operator`.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Sign a manifest (TOML) with a key from `keygen`; the output goes into the hub's
+    /// `workloads.dir` as `<gateway-id>.signed`, `<group>.signed` or `default.signed`.
+    Sign {
+        /// The manifest, TOML: `version = N` and `[[workloads]]` entries.
+        #[arg(long)]
+        manifest: PathBuf,
+        /// The signing key (`.key` from `keygen`).
+        #[arg(long)]
+        key: PathBuf,
+        /// Where to write the signed manifest.
+        #[arg(long)]
+        out: PathBuf,
+        /// Folder holding the artifacts under their names: fills in (or checks) each
+        /// artifact's `sha256` and `size`.
+        #[arg(long)]
+        artifacts: Option<PathBuf>,
+    },
+}
+
+fn workloads_tool(command: WorkloadsCommand) -> ExitCode {
+    match command {
+        WorkloadsCommand::Keygen { out } => match voither_hub::workloads::keygen(&out) {
+            Ok(public) => {
+                println!("{public}");
+                eprintln!(
+                    "wrote {} (secret, keep offline) and {}",
+                    out.with_extension("key").display(),
+                    out.with_extension("pub").display()
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => report(&e),
+        },
+        WorkloadsCommand::Sign { manifest, key, out, artifacts } => {
+            match voither_hub::workloads::sign(&manifest, &key, artifacts.as_deref()) {
+                Ok(signed) => {
+                    let version = signed.manifest().map_or(0, |m| m.version);
+                    let tmp = out.with_extension("tmp");
+                    let written = std::fs::write(&tmp, signed.to_bytes()).and_then(|()| std::fs::rename(&tmp, &out));
+                    match written {
+                        Ok(()) => {
+                            println!("{}: version {version} signed", out.display());
+                            ExitCode::SUCCESS
+                        }
+                        Err(e) => {
+                            eprintln!("voither-hub: {}: {e}", out.display());
+                            ExitCode::from(1)
+                        }
+                    }
+                }
+                Err(e) => report(&e),
+            }
+        }
+    }
+}
+
 fn main() -> ExitCode {
     match Cli::parse().command {
-        Command::Run { config } => {
+        Command::Run { config, log_json, otlp_endpoint } => {
             let cfg = match load(&config) {
                 Ok(c) => c,
                 Err(code) => return code,
             };
-            init_tracing(cfg.log.json);
+            let telemetry = voither_telemetry::init(voither_telemetry::Options {
+                service: "voither-hub",
+                version: env!("CARGO_PKG_VERSION"),
+                instance_id: Some(cfg.hub.id.clone()),
+                json: log_json || cfg.log.json,
+                default_filter: "info,quinn=warn",
+                otlp_endpoint,
+            });
             let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
-            match rt.block_on(voither_hub::run(cfg, shutdown_signal())) {
+            let code = match rt.block_on(voither_hub::run(cfg, shutdown_signal())) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => report(&e),
-            }
+            };
+            // Spans still open close with the tasks that hold them; then export what is queued.
+            drop(rt);
+            telemetry.shutdown(std::time::Duration::from_secs(3));
+            code
         }
         Command::CheckConfig { config } => match load(&config) {
             Ok(_) => {
@@ -123,6 +214,7 @@ fn main() -> ExitCode {
                 Err(e) => report(&e),
             }
         }
+        Command::Workloads { command } => workloads_tool(command),
         Command::Fleet { config, json } => match load(&config) {
             Ok(cfg) => fleet(&cfg, json),
             Err(code) => code,
@@ -277,17 +369,6 @@ fn urlencode(s: &str) -> String {
             }
         })
         .collect()
-}
-
-fn init_tracing(json: bool) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,quinn=warn"));
-    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    if json {
-        b.json().init();
-    } else {
-        b.init();
-    }
 }
 
 async fn shutdown_signal() {

@@ -45,6 +45,10 @@ pub struct FleetEntry {
     pub store_used_bytes: u64,
     /// Its store's budget, from its last status (0: not reported).
     pub store_budget_bytes: u64,
+    /// Version of the workload manifest it runs, from its last status.
+    pub manifest_version: u64,
+    /// Its workloads, from its last status.
+    pub workloads: Vec<voither_proto::WorkloadState>,
     /// Records stored at this hub from this gateway since the hub started.
     pub stored_records: u64,
 }
@@ -62,6 +66,8 @@ pub struct Hub {
     pub fleet: Mutex<HashMap<String, FleetEntry>>,
     /// Most gateway connections at once (`hub.max_connections`).
     pub max_connections: u32,
+    /// Signed workload manifests and artifacts.
+    pub catalog: Arc<crate::workloads::Catalog>,
     /// Bytes per second every gateway is asked to stay under (0: no limit).
     pub gateway_rate_limit: u64,
     /// Sink commits since start.
@@ -172,6 +178,14 @@ pub async fn serve(hub: Arc<Hub>, endpoint: quinn::Endpoint, shutdown: watch::Re
     endpoint.close(0u32.into(), b"hub shutting down");
 }
 
+/// The catalog's manifest for `gw` when it is newer than `than`.
+async fn newer_manifest(hub: &Hub, gw: &str, than: u64) -> Option<crate::workloads::Served> {
+    let catalog = hub.catalog.clone();
+    let g = gw.to_owned();
+    let served = tokio::task::spawn_blocking(move || catalog.manifest_for(&g)).await.ok()??;
+    (served.version > than).then_some(served)
+}
+
 fn peer_id(conn: &quinn::Connection) -> Option<String> {
     let any = conn.peer_identity()?;
     let certs = any.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>().ok()?;
@@ -238,10 +252,29 @@ async fn session(
     let mut dec = FrameDecoder::new(MAX_FRAME_LEN);
     let mut buf = vec![0u8; 256 * 1024];
     let mut out = Vec::new();
+    // The manifest version the gateway runs (from Hello and Status) and the highest
+    // this session sent; a newer file in the catalog is pushed within a few seconds.
+    let mut gateway_manifest = 0u64;
+    let mut sent_manifest = 0u64;
+    let mut ready = false;
+    let mut manifest_tick = tokio::time::interval(Duration::from_secs(2));
+    manifest_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let n = tokio::select! {
             _ = shutdown.changed() => return Err(ConnError::Shutdown),
             r = recv.read(&mut buf) => r?,
+            _ = manifest_tick.tick(), if ready => {
+                if let Some(s) = newer_manifest(hub, gw, gateway_manifest.max(sent_manifest)).await {
+                    sent_manifest = s.version;
+                    sess.send_manifest(s.signed);
+                    out.clear();
+                    while let Some(f) = sess.poll_transmit() {
+                        encode_frame(&f, &mut out, MAX_FRAME_LEN).expect("manifests are under the frame limit");
+                    }
+                    send.write_all(&out).await?;
+                }
+                continue;
+            }
         };
         let Some(n) = n else {
             dec.finish()?;
@@ -277,13 +310,32 @@ async fn session(
                         e.agent_version = h.agent_version.clone();
                     }
                     debug!(gateway = %gw, ?marks, "Hello.");
-                    sess.accept(&marks, 0);
+                    gateway_manifest = h.manifest_version.unwrap_or(0);
+                    let offer = newer_manifest(hub, gw, gateway_manifest).await;
+                    sess.accept(&marks, offer.as_ref().map_or(0, |s| s.version));
+                    ready = true;
                     if hub.gateway_rate_limit > 0 {
                         sess.command(voither_proto::Command::SlowDown(hub.gateway_rate_limit));
                     }
+                    if let Some(s) = offer {
+                        info!(gateway = %gw, version = s.version, file = %s.path.display(), "Sending a workload manifest.");
+                        sent_manifest = s.version;
+                        sess.send_manifest(s.signed);
+                    }
                 }
                 HubEvent::Store(req) => pending.push(req),
+                HubEvent::FetchArtifact(f) => {
+                    let catalog = hub.catalog.clone();
+                    let chunk = tokio::task::spawn_blocking(move || catalog.chunk(&f.sha256, f.offset, f.max_len))
+                        .await
+                        .expect("artifact task");
+                    if !chunk.found {
+                        warn!(gateway = %gw, sha256 = %chunk.sha256, "Gateway asked for an artifact this hub does not have.");
+                    }
+                    sess.send_chunk(chunk);
+                }
                 HubEvent::Status(s) => {
+                    gateway_manifest = s.manifest_version.unwrap_or(gateway_manifest);
                     if let Some(e) = hub.fleet.lock().expect("fleet lock").get_mut(gw) {
                         e.backlog_records = s.lanes.iter().map(|l| l.backlog_records).sum();
                         e.backlog_bytes = s.lanes.iter().map(|l| l.backlog_bytes).sum();
@@ -291,6 +343,8 @@ async fn session(
                         e.uptime_s = s.uptime_s;
                         e.store_used_bytes = s.store_used_bytes.unwrap_or(0);
                         e.store_budget_bytes = s.store_budget_bytes.unwrap_or(0);
+                        e.manifest_version = s.manifest_version.unwrap_or(0);
+                        e.workloads = s.workloads.clone().unwrap_or_default();
                         e.last_seen_ms = unix_ms();
                     }
                 }

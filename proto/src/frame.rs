@@ -6,6 +6,8 @@
 use minicbor::bytes::ByteVec;
 use minicbor::{Decode, Encode};
 
+use crate::workload::{ArtifactChunk, FetchArtifact, SignedManifest, WorkloadState};
+
 /// One frame on the sync stream.
 #[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
 #[non_exhaustive]
@@ -31,6 +33,15 @@ pub enum Frame {
     /// Either way, the sender is closing the session because of an error.
     #[n(6)]
     Error(#[n(0)] ErrorFrame),
+    /// Hub → gateway, a signed workload manifest newer than the gateway's.
+    #[n(7)]
+    Manifest(#[n(0)] SignedManifest),
+    /// Gateway → hub, send a piece of an artifact.
+    #[n(8)]
+    FetchArtifact(#[n(0)] FetchArtifact),
+    /// Hub → gateway, a piece of an artifact.
+    #[n(9)]
+    ArtifactChunk(#[n(0)] ArtifactChunk),
 }
 
 impl Frame {
@@ -44,6 +55,9 @@ impl Frame {
             Frame::Status(_) => "Status",
             Frame::Command(_) => "Command",
             Frame::Error(_) => "Error",
+            Frame::Manifest(_) => "Manifest",
+            Frame::FetchArtifact(_) => "FetchArtifact",
+            Frame::ArtifactChunk(_) => "ArtifactChunk",
         }
     }
 }
@@ -66,6 +80,9 @@ pub struct Hello {
     /// Optional features the gateway supports.
     #[n(4)]
     pub capabilities: Vec<String>,
+    /// Version of the workload manifest the gateway runs (absent or 0: none).
+    #[n(5)]
+    pub manifest_version: Option<u64>,
 }
 
 /// What a gateway holds of one lane.
@@ -246,6 +263,12 @@ pub struct Status {
     /// The store's budget, bytes.
     #[n(3)]
     pub store_budget_bytes: Option<u64>,
+    /// Version of the workload manifest the gateway runs.
+    #[n(4)]
+    pub manifest_version: Option<u64>,
+    /// The workloads and their state.
+    #[n(5)]
+    pub workloads: Option<Vec<WorkloadState>>,
 }
 
 /// Backlog of one lane in a [`Status`].

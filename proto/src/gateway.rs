@@ -74,6 +74,10 @@ pub enum GatewayEvent {
     },
     /// The hub sent a command.
     Command(Command),
+    /// The hub sent a workload manifest (verify it before anything else).
+    Manifest(crate::workload::SignedManifest),
+    /// The hub sent a piece of an artifact that was asked for.
+    ArtifactChunk(crate::workload::ArtifactChunk),
 }
 
 /// Where the driver should read records next.
@@ -154,7 +158,8 @@ impl GatewaySession {
                 .iter()
                 .map(|l| LaneCursor { lane: l.name.clone(), oldest_unacked: l.oldest_unacked, next_seq: l.next_seq })
                 .collect(),
-            capabilities: vec!["gaps".into()],
+            capabilities: vec!["gaps".into(), "workloads".into()],
+            manifest_version: None,
         };
         let lanes = lanes
             .into_iter()
@@ -185,6 +190,23 @@ impl GatewaySession {
             next_batch_id: 1,
             next_status: None,
             status_source: None,
+        }
+    }
+
+    /// Says in `Hello` which manifest version the gateway runs. Call before the first
+    /// [`GatewaySession::poll_transmit`].
+    pub fn set_manifest_version(&mut self, version: u64) {
+        for f in self.out.iter_mut() {
+            if let Frame::Hello(h) = f {
+                h.manifest_version = Some(version);
+            }
+        }
+    }
+
+    /// Asks the hub for a piece of an artifact (after `Welcome`).
+    pub fn fetch_artifact(&mut self, fetch: crate::workload::FetchArtifact) {
+        if self.state == State::Ready {
+            self.out.push_back(Frame::FetchArtifact(fetch));
         }
     }
 
@@ -340,6 +362,14 @@ impl GatewaySession {
             (State::Ready, Frame::Ack(a)) => self.on_ack(a),
             (State::Ready, Frame::Command(c)) => {
                 self.events.push_back(GatewayEvent::Command(c));
+                Ok(())
+            }
+            (State::Ready, Frame::Manifest(m)) => {
+                self.events.push_back(GatewayEvent::Manifest(m));
+                Ok(())
+            }
+            (State::Ready, Frame::ArtifactChunk(c)) => {
+                self.events.push_back(GatewayEvent::ArtifactChunk(c));
                 Ok(())
             }
             (state, f) => Err(ProtoError::UnexpectedFrame {

@@ -31,6 +31,9 @@ pub enum HubEvent {
     Store(StoreRequest),
     /// A periodic report from the gateway.
     Status(Status),
+    /// The gateway asks for a piece of an artifact: answer with
+    /// [`HubSession::send_chunk`].
+    FetchArtifact(crate::workload::FetchArtifact),
 }
 
 /// Items of one lane the sink must commit before they are acked.
@@ -127,6 +130,20 @@ impl HubSession {
         self.out.push_back(Frame::Ack(Ack { lane: lane.to_owned(), through_seq, rejected_batch: None }));
     }
 
+    /// Queues a signed workload manifest for the gateway (after `accept`).
+    pub fn send_manifest(&mut self, manifest: crate::workload::SignedManifest) {
+        if self.state == State::Ready {
+            self.out.push_back(Frame::Manifest(manifest));
+        }
+    }
+
+    /// Queues a piece of an artifact the gateway asked for.
+    pub fn send_chunk(&mut self, chunk: crate::workload::ArtifactChunk) {
+        if self.state == State::Ready {
+            self.out.push_back(Frame::ArtifactChunk(chunk));
+        }
+    }
+
     /// Queues a command for the gateway.
     pub fn command(&mut self, command: Command) {
         if self.state == State::Ready {
@@ -163,6 +180,10 @@ impl HubSession {
             (State::Ready, Frame::Batch(b)) => self.on_batch(b),
             (State::Ready, Frame::Status(s)) => {
                 self.events.push_back(HubEvent::Status(s));
+                Ok(())
+            }
+            (State::Ready, Frame::FetchArtifact(f)) => {
+                self.events.push_back(HubEvent::FetchArtifact(f));
                 Ok(())
             }
             (state, f) => Err(ProtoError::UnexpectedFrame { got: f.kind(), state: state.name() }),

@@ -49,6 +49,7 @@ pub mod frame;
 pub mod gateway;
 pub mod hub;
 pub mod limit;
+pub mod workload;
 
 #[cfg(test)]
 mod tests;
@@ -57,6 +58,7 @@ pub use codec::{encode_frame, DecodeError, EncodeError, FrameDecoder, MAX_FRAME_
 pub use frame::*;
 pub use gateway::{GatewayConfig, GatewayEvent, GatewaySession, LaneInit, SendSlot};
 pub use hub::{HubEvent, HubInfo, HubSession, StoreRequest};
+pub use workload::{ArtifactChunk, FetchArtifact, SignedManifest, WorkloadState};
 
 /// ALPN protocol id of the sync protocol, version 1.
 pub const ALPN: &[u8] = b"voither-sync/1";

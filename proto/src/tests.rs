@@ -239,6 +239,8 @@ mod sim {
                     .collect(),
                 store_used_bytes: Some(self.lanes.values().map(|l| l.bytes).sum()),
                 store_budget_bytes: None,
+                manifest_version: None,
+                workloads: None,
             }
         }
     }
@@ -634,6 +636,9 @@ mod sim {
                     }
                     GatewayEvent::Acked { lane, through_seq } => self.on_acked(&lane, through_seq),
                     GatewayEvent::Command(_) => self.stats.commands += 1,
+                    GatewayEvent::Manifest(_) | GatewayEvent::ArtifactChunk(_) => {
+                        unreachable!("this harness's hub sends no workloads")
+                    }
                 }
             }
             if self.gw.is_ready() {
@@ -689,6 +694,7 @@ mod sim {
                     }
                     HubEvent::Store(req) => self.queue_commit(req),
                     HubEvent::Status(_) => self.stats.statuses += 1,
+                    HubEvent::FetchArtifact(_) => unreachable!("this harness's gateway fetches no artifacts"),
                 }
             }
             // Marks are read only once commits of earlier sessions with this gateway
@@ -1484,6 +1490,7 @@ fn hello(lanes: &[(&str, u64, u64)]) -> Hello {
             .map(|(l, o, n)| LaneCursor { lane: (*l).into(), oldest_unacked: *o, next_seq: *n })
             .collect(),
         capabilities: vec![],
+        manifest_version: None,
     }
 }
 

@@ -16,6 +16,7 @@ fn hello() -> Vec<u8> {
         boot_id: 1,
         lanes: vec![],
         capabilities: vec![],
+        manifest_version: None,
     });
     encode_frame(&f, &mut out, MAX_FRAME_LEN).unwrap();
     out
@@ -140,6 +141,7 @@ fn malformed_and_oversized_frames_close_the_stream_and_nothing_else() {
             boot_id: 2,
             lanes: vec![],
             capabilities: vec![],
+            manifest_version: None,
         }),
         &mut truncated,
         MAX_FRAME_LEN,

@@ -78,6 +78,7 @@ fn reconnects_after_a_hub_restart_spread_over_the_backoff_window() {
             space: Arc::new(Notify::new()),
             heartbeat: Arc::new(Heartbeat::default()),
             boot_id: rand::random(),
+            workloads: None,
         };
         tasks.push(rt.spawn(uplink.run(client, stop_rx.clone())));
         sims.push(Sim { status, metrics });
@@ -89,9 +90,8 @@ fn reconnects_after_a_hub_restart_spread_over_the_backoff_window() {
     // The hub goes away: every connection closes at the same instant.
     hub.stop();
     // Down until every gateway has failed three reconnects, so the backoff has grown.
-    let failed = wait_for(Duration::from_secs(60), || {
-        sims.iter().all(|s| s.metrics.uplink_reconnects.get() >= 4).then_some(())
-    });
+    let failed =
+        wait_for(Duration::from_secs(60), || sims.iter().all(|s| s.metrics.uplink_reconnects.get() >= 4).then_some(()));
     assert!(failed.is_some(), "gateways retry while the hub is down");
     hub.restart();
     let up = Instant::now();
@@ -116,8 +116,7 @@ fn reconnects_after_a_hub_restart_spread_over_the_backoff_window() {
     times.sort_by(f64::total_cmp);
     let pct = |p: f64| times[((times.len() - 1) as f64 * p) as usize];
     // The busiest 100 ms: how many gateways would hit the hub at the same moment.
-    let busiest =
-        times.iter().map(|&t| times.iter().filter(|&&u| u >= t && u < t + 0.1).count()).max().unwrap_or(0);
+    let busiest = times.iter().map(|&t| times.iter().filter(|&&u| u >= t && u < t + 0.1).count()).max().unwrap_or(0);
     println!("reconnects after the hub restart (seconds after it answered), {GATEWAYS} gateways:");
     let bucket = 0.25;
     let last = (pct(1.0) / bucket).ceil() as usize;
