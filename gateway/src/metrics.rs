@@ -109,6 +109,10 @@ pub struct Metrics {
     pub uplink_rate_limit_bytes: Gauge,
     /// Sessions ended because batches were in flight and acks stopped making progress.
     pub uplink_ack_stalls: Counter,
+    /// Seconds until the gateway's certificate expires.
+    pub tls_cert_expiry_seconds: Gauge<f64, AtomicU64>,
+    /// Reloads of the gateway's certificate, key or CA after they changed.
+    pub tls_reloads: Counter,
     /// Version of the workload manifest in use (0: none).
     pub manifest_version: Gauge,
     /// Manifests refused, by reason.
@@ -171,6 +175,8 @@ impl Metrics {
             uplink_ack_latency_seconds: Histogram::new(exponential_buckets(0.000_5, 2.0, 16)),
             uplink_rate_limit_bytes: Gauge::default(),
             uplink_ack_stalls: Counter::default(),
+            tls_cert_expiry_seconds: Gauge::default(),
+            tls_reloads: Counter::default(),
             manifest_version: Gauge::default(),
             manifest_refusals: Family::default(),
             workload_running: Family::default(),
@@ -269,6 +275,16 @@ impl Metrics {
             "uplink_ack_stalls",
             "Hub sessions ended because batches were in flight and no ack came within uplink.ack_progress_timeout_ms",
             m.uplink_ack_stalls.clone(),
+        );
+        registry.register(
+            "tls_cert_expiry_seconds",
+            "Seconds until the gateway's certificate (uplink.cert) expires",
+            m.tls_cert_expiry_seconds.clone(),
+        );
+        registry.register(
+            "tls_reloads",
+            "Reloads of the gateway's certificate, key or CA after the files changed",
+            m.tls_reloads.clone(),
         );
         registry.register(
             "manifest_version",

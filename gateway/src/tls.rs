@@ -96,3 +96,17 @@ pub fn client_config(
     cfg.transport_config(Arc::new(transport));
     Ok(cfg)
 }
+
+/// When the first certificate of a PEM file expires.
+pub fn not_after(path: &Path) -> Option<std::time::SystemTime> {
+    use x509_parser::prelude::*;
+    let certs = load_certs(path).ok()?;
+    let (_, x) = X509Certificate::from_der(certs.first()?.as_ref()).ok()?;
+    let secs = u64::try_from(x.validity().not_after.timestamp()).ok()?;
+    Some(std::time::UNIX_EPOCH + Duration::from_secs(secs))
+}
+
+/// Size and modification time of the TLS files, to notice when they change.
+pub fn stamps(files: &[&Path]) -> Vec<Option<(Option<std::time::SystemTime>, u64)>> {
+    files.iter().map(|p| std::fs::metadata(p).ok().map(|m| (m.modified().ok(), m.len()))).collect()
+}

@@ -56,6 +56,10 @@ pub struct UplinkStatus {
     pub rate_limit_bytes_per_s: u64,
     /// Rate the hub asked for with `SlowDown` in this session (0: none).
     pub hub_rate_limit_bytes_per_s: u64,
+    /// When the gateway's certificate expires, seconds since the Unix epoch.
+    pub cert_not_after_unix: Option<u64>,
+    /// Days until then (negative: expired).
+    pub cert_expires_in_days: Option<f64>,
 }
 
 /// The lower of two limits where 0 means none.
@@ -326,6 +330,9 @@ impl Uplink {
         };
         endpoint.set_default_client_config(client);
         let ups = &self.cfg.uplink;
+        let tls_files = [ups.ca.as_path(), ups.cert.as_path(), ups.key.as_path()];
+        let mut tls_stamps = crate::tls::stamps(&tls_files);
+        self.cert_expiry();
         let mut idx = 0usize;
         let mut failures = 0u32;
         // An endpoint whose acks stalled answers handshakes but cannot make data durable:
@@ -334,6 +341,20 @@ impl Uplink {
         loop {
             if *shutdown.borrow() {
                 break;
+            }
+            // Rotation: new certificate, key or CA files are used from the next connection.
+            let now = crate::tls::stamps(&tls_files);
+            if now != tls_stamps {
+                tls_stamps = now;
+                match crate::tls::client_config(&ups.ca, &ups.cert, &ups.key, ups.keep_alive(), ups.idle_timeout()) {
+                    Ok(c) => {
+                        endpoint.set_default_client_config(c);
+                        self.metrics.tls_reloads.inc();
+                        info!(cert = %ups.cert.display(), "TLS certificate, key or CA changed; the next connection uses them.");
+                    }
+                    Err(e) => warn!(error = %e, "TLS files changed but are not usable; keeping the previous ones."),
+                }
+                self.cert_expiry();
             }
             let list = self.endpoints.lock().expect("endpoints lock").clone();
             let target = list[idx % list.len()].clone();
@@ -657,6 +678,7 @@ impl Uplink {
                     }
                 }
                 _ = status_tick.tick() => {
+                    self.cert_expiry();
                     let rtt = conn.rtt();
                     self.metrics.uplink_rtt_seconds.set(rtt.as_secs_f64());
                     self.status.lock().expect("status lock").rtt_ms = Some(rtt.as_millis() as u64);
@@ -685,6 +707,20 @@ impl Uplink {
 }
 
 impl Uplink {
+    /// Updates the certificate expiry in metrics and `/status`.
+    fn cert_expiry(&self) {
+        let Some(t) = crate::tls::not_after(&self.cfg.uplink.cert) else { return };
+        let now = std::time::SystemTime::now();
+        let left = match t.duration_since(now) {
+            Ok(d) => d.as_secs_f64(),
+            Err(e) => -e.duration().as_secs_f64(),
+        };
+        self.metrics.tls_cert_expiry_seconds.set(left);
+        let mut st = self.status.lock().expect("status lock");
+        st.cert_not_after_unix = t.duration_since(std::time::UNIX_EPOCH).ok().map(|d| d.as_secs());
+        st.cert_expires_in_days = Some((left / 86_400.0 * 10.0).round() / 10.0);
+    }
+
     fn set_rate(&self, effective: u64, hub: u64) {
         self.metrics.uplink_rate_limit_bytes.set(i64::try_from(effective).unwrap_or(i64::MAX));
         let mut st = self.status.lock().expect("status lock");

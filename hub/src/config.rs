@@ -74,6 +74,26 @@ pub struct Config {
     /// Signed workload manifests and artifacts served to gateways.
     #[serde(default)]
     pub workloads: WorkloadsSection,
+    /// Which gateways may connect.
+    #[serde(default)]
+    pub auth: AuthSection,
+}
+
+/// `[auth]`: which gateways may connect, beyond holding a certificate from `tls.ca`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthSection {
+    /// Gateway ids allowed to connect (with `allowed_gateways_file`: both count). Both
+    /// empty: any gateway with a certificate from the CA.
+    #[serde(default)]
+    pub allowed_gateways: Vec<String>,
+    /// A file of allowed gateway ids, one per line; re-read when it changes.
+    #[serde(default)]
+    pub allowed_gateways_file: Option<PathBuf>,
+    /// A file of revoked gateway ids, one per line; re-read when it changes. A revoked
+    /// gateway is refused at its next handshake and its live connection is closed.
+    #[serde(default)]
+    pub revoked_file: Option<PathBuf>,
 }
 
 /// `[workloads]`: where signed manifests and artifacts are.
@@ -231,6 +251,12 @@ impl Config {
         let mut paths = vec![&mut cfg.hub.data_dir, &mut cfg.tls.ca, &mut cfg.tls.cert, &mut cfg.tls.key];
         if let Some(d) = cfg.workloads.dir.as_mut() {
             paths.push(d);
+        }
+        if let Some(p) = cfg.auth.allowed_gateways_file.as_mut() {
+            paths.push(p);
+        }
+        if let Some(p) = cfg.auth.revoked_file.as_mut() {
+            paths.push(p);
         }
         for p in paths {
             if p.is_relative() {

@@ -8,6 +8,7 @@
 #![warn(missing_docs)]
 
 pub mod admin;
+pub mod auth;
 pub mod config;
 pub mod metrics;
 pub mod pki;
@@ -44,6 +45,9 @@ pub enum StartError {
     /// TLS material is missing or bad.
     #[error(transparent)]
     Tls(#[from] tls::TlsError),
+    /// An allow-list or revocation list cannot be read.
+    #[error(transparent)]
+    Auth(#[from] auth::AuthError),
     /// A socket could not be bound.
     #[error("cannot listen on {addr} (key {key}): {source}")]
     Bind {
@@ -77,6 +81,7 @@ pub async fn run(cfg: Config, shutdown: impl std::future::Future<Output = ()>) -
         max_connections: cfg.hub.max_connections,
         gateway_rate_limit: cfg.hub.gateway_rate_limit_bytes_per_s,
         catalog: Arc::new(workloads::Catalog::new(&cfg.workloads)),
+        auth: Arc::new(auth::Auth::new(&cfg.auth)?),
         commits: Default::default(),
         log_limit: Mutex::new(voither_proto::limit::LogLimiter::new(Duration::from_secs(10))),
         started: tokio::time::Instant::now(),
@@ -106,6 +111,7 @@ pub async fn run(cfg: Config, shutdown: impl std::future::Future<Output = ()>) -
                 .await;
         })
     };
+    let reload = tokio::spawn(reload_files(hub.clone(), endpoint.clone(), cfg.clone(), stop_rx.clone()));
     let server = tokio::spawn(server::serve(hub.clone(), endpoint.clone(), stop_rx));
     info!(listen = %cfg.hub.listen, admin = %cfg.admin.listen, hub = %cfg.hub.id, region = %cfg.hub.region, "Hub running.");
     notify_systemd("READY=1");
@@ -129,6 +135,7 @@ pub async fn run(cfg: Config, shutdown: impl std::future::Future<Output = ()>) -
     }
     info!("Shutting down.");
     let _ = stop_tx.send(true);
+    reload.abort();
     let _ = tokio::time::timeout(Duration::from_secs(5), async {
         let _ = server.await;
         let _ = admin.await;
@@ -144,6 +151,49 @@ pub fn notify_systemd(state: &str) {
     if let Some(path) = std::env::var_os("NOTIFY_SOCKET") {
         if let Ok(sock) = std::os::unix::net::UnixDatagram::unbound() {
             let _ = sock.send_to(state.as_bytes(), path);
+        }
+    }
+}
+
+/// Every second: re-reads the allow-list and revocation list when they changed, and the
+/// hub's certificate, key and CA bundle (rotation without a restart: new handshakes use
+/// the new ones; a bad new file keeps the old configuration and is logged). Also keeps
+/// `voither_hub_tls_cert_expiry_seconds` current.
+async fn reload_files(hub: Arc<server::Hub>, endpoint: quinn::Endpoint, cfg: Config, mut stop: watch::Receiver<bool>) {
+    let files = [cfg.tls.ca.clone(), cfg.tls.cert.clone(), cfg.tls.key.clone()];
+    let stamps = |files: &[std::path::PathBuf; 3]| -> Vec<Option<(Option<std::time::SystemTime>, u64)>> {
+        files.iter().map(|p| std::fs::metadata(p).ok().map(|m| (m.modified().ok(), m.len()))).collect()
+    };
+    let mut last = stamps(&files);
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = stop.changed() => return,
+            _ = tick.tick() => {}
+        }
+        let h = hub.clone();
+        let _ = tokio::task::spawn_blocking(move || h.auth.reload_if_changed()).await;
+        if let Some(t) = tls::not_after(&cfg.tls.cert) {
+            let left = t.duration_since(std::time::SystemTime::now()).map_or(0.0, |d| d.as_secs_f64());
+            hub.metrics.tls_cert_expiry_seconds.set(left);
+        }
+        let now = stamps(&files);
+        if now == last {
+            continue;
+        }
+        last = now;
+        match tls::server_config(
+            &cfg.tls.ca,
+            &cfg.tls.cert,
+            &cfg.tls.key,
+            Duration::from_millis(cfg.hub.idle_timeout_ms),
+        ) {
+            Ok(sc) => {
+                endpoint.set_server_config(Some(sc));
+                hub.metrics.tls_reloads.inc();
+                info!(cert = %cfg.tls.cert.display(), ca = %cfg.tls.ca.display(), "TLS certificate, key or CA changed; new handshakes use them.");
+            }
+            Err(e) => tracing::error!(error = %e, "TLS files changed but are not usable; keeping the previous ones."),
         }
     }
 }

@@ -48,6 +48,26 @@ enum Command {
         #[arg(long)]
         lane: Option<String>,
     },
+    /// Issue one more gateway certificate with the CA of a `pki` folder: to rotate a
+    /// gateway's certificate, or to add a gateway. Writes <file>.key then <file>.pem.
+    PkiIssue {
+        /// The folder `pki` wrote (holds ca.pem and ca.key).
+        #[arg(long, default_value = "pki")]
+        dir: PathBuf,
+        /// The gateway id (the certificate's DNS name).
+        #[arg(long)]
+        gateway: String,
+        /// File name without extension (default: the gateway id).
+        #[arg(long)]
+        file: Option<String>,
+        /// Validity, days.
+        #[arg(long, default_value_t = 365)]
+        days: u32,
+        /// Valid from this many days from now (negative: in the past; default -1/24, an
+        /// hour back for slow device clocks).
+        #[arg(long, allow_hyphen_values = true)]
+        start_days: Option<f64>,
+    },
     /// Workload manifests: make a signing key, sign a manifest (offline tools).
     Workloads {
         #[command(subcommand)]
@@ -205,6 +225,20 @@ fn main() -> ExitCode {
         },
         Command::Pki { out, gateways, hub_names, ca_name, days } => {
             match voither_hub::pki::generate(&out, &ca_name, &hub_names, &gateways, days) {
+                Ok(w) => {
+                    for f in w.files {
+                        println!("{}", f.display());
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => report(&e),
+            }
+        }
+        Command::PkiIssue { dir, gateway, file, days, start_days } => {
+            let now = std::time::SystemTime::now();
+            let offset = std::time::Duration::from_secs_f64(start_days.unwrap_or(-1.0 / 24.0).abs() * 86_400.0);
+            let from = if start_days.unwrap_or(-1.0) < 0.0 { now - offset } else { now + offset };
+            match voither_hub::pki::issue(&dir, &gateway, file.as_deref(), from, days) {
                 Ok(w) => {
                     for f in w.files {
                         println!("{}", f.display());

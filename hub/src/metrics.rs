@@ -40,6 +40,19 @@ pub struct Metrics {
     pub gap_records: Counter,
     /// Gateways known to this hub, by state (`connected`, `disconnected`).
     pub gateways: Family<StateLabel, Gauge>,
+    /// Gateways refused by the allow-list or revocation list (at handshake or live).
+    pub auth_refusals: Family<ReasonLabel, Counter>,
+    /// Seconds until the hub's certificate expires.
+    pub tls_cert_expiry_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
+    /// Reloads of the hub's certificate, key or CA after they changed.
+    pub tls_reloads: Counter,
+}
+
+/// Label set `{reason}`.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    /// Why.
+    pub reason: String,
 }
 
 /// Label set `{state}`.
@@ -72,7 +85,25 @@ impl Metrics {
             gaps: Counter::default(),
             gap_records: Counter::default(),
             gateways: Family::default(),
+            auth_refusals: Family::default(),
+            tls_cert_expiry_seconds: Gauge::default(),
+            tls_reloads: Counter::default(),
         };
+        registry.register(
+            "auth_refusals",
+            "Gateways refused: revoked or not in the allow-list (at handshake or closed live)",
+            m.auth_refusals.clone(),
+        );
+        registry.register(
+            "tls_cert_expiry_seconds",
+            "Seconds until the hub's certificate expires",
+            m.tls_cert_expiry_seconds.clone(),
+        );
+        registry.register("tls_reloads", "Reloads of the hub's certificate, key or CA", m.tls_reloads.clone());
+        // Both reasons exist from the start at 0, so that `increase()` sees the first one.
+        for reason in ["revoked", "not_allowed"] {
+            let _ = m.auth_refusals.get_or_create(&ReasonLabel { reason: reason.into() });
+        }
         registry.register("connections", "Gateway connections accepted", m.connections.clone());
         registry.register("connected_gateways", "Gateways connected now", m.connected.clone());
         registry.register("refused_handshakes", "Handshakes refused", m.refused_handshakes.clone());

@@ -125,6 +125,46 @@ pub fn generate(
     Ok(Written { files })
 }
 
+/// Issues a certificate for gateway `id` with the CA in `dir` (`ca.pem`, `ca.key` from
+/// [`generate`]), valid from `from` for `days` days; writes `<file>.pem` and
+/// `<file>.key` (default file name: the id). For rotating a gateway's certificate, and
+/// for tests of expired or not-yet-valid certificates.
+pub fn issue(
+    dir: &Path,
+    id: &str,
+    file: Option<&str>,
+    from: std::time::SystemTime,
+    days: u32,
+) -> Result<Written, PkiError> {
+    check_name(id)?;
+    let file = file.unwrap_or(id);
+    check_name(file)?;
+    let read = |name: &str| {
+        let p = dir.join(name);
+        std::fs::read_to_string(&p).map_err(|source| PkiError::Write { path: p, source })
+    };
+    let ca_key = KeyPair::from_pem(&read("ca.key")?)?;
+    let issuer = Issuer::from_ca_cert_pem(&read("ca.pem")?, ca_key)?;
+    let key = KeyPair::generate()?;
+    let mut params = CertificateParams::new(vec![id.to_string()])?;
+    params.distinguished_name.push(DnType::CommonName, id);
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    params.not_before = from.into();
+    params.not_after = (from + std::time::Duration::from_secs(u64::from(days) * 86_400)).into();
+    let cert = params.signed_by(&key, &issuer)?;
+    let mut files = Vec::new();
+    // Key first, then the certificate: a gateway that reloads on change sees a matching
+    // pair once the certificate lands.
+    let p = dir.join(format!("{file}.key"));
+    write(&p, &key.serialize_pem(), 0o600)?;
+    files.push(p);
+    let p = dir.join(format!("{file}.pem"));
+    write(&p, &cert.pem(), 0o644)?;
+    files.push(p);
+    Ok(Written { files })
+}
+
 fn time_now() -> std::time::SystemTime {
     // Back-date by an hour so a device with a slightly slow clock accepts the certificates.
     std::time::SystemTime::now() - std::time::Duration::from_secs(3600)
@@ -146,6 +186,9 @@ mod tests {
         }
         let certs = crate::tls::load_certs(&dir.path().join("gw-1.pem")).unwrap();
         assert_eq!(crate::tls::gateway_id(&certs[0]).as_deref(), Some("gw-1"));
+        issue(dir.path(), "gw-2", None, std::time::SystemTime::now(), 1).unwrap();
+        let certs = crate::tls::load_certs(&dir.path().join("gw-2.pem")).unwrap();
+        assert_eq!(crate::tls::gateway_id(&certs[0]).as_deref(), Some("gw-2"));
         assert!(generate(dir.path(), "x", &["hub".into()], &["../evil".into()], 1).is_err());
     }
 }

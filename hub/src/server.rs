@@ -66,6 +66,8 @@ pub struct Hub {
     pub fleet: Mutex<HashMap<String, FleetEntry>>,
     /// Most gateway connections at once (`hub.max_connections`).
     pub max_connections: u32,
+    /// Allow-list and revocation list.
+    pub auth: Arc<crate::auth::Auth>,
     /// Signed workload manifests and artifacts.
     pub catalog: Arc<crate::workloads::Catalog>,
     /// Bytes per second every gateway is asked to stay under (0: no limit).
@@ -100,6 +102,8 @@ enum ConnError {
     Closed,
     #[error("shutting down")]
     Shutdown,
+    #[error("gateway {}", .0.as_str())]
+    Forbidden(crate::auth::Refused),
 }
 
 impl ConnError {
@@ -108,6 +112,7 @@ impl ConnError {
             ConnError::Decode(_) => error_code::FRAME,
             ConnError::Proto(p) => p.code(),
             ConnError::Sink(_) => error_code::INTERNAL,
+            ConnError::Forbidden(_) => error_code::FORBIDDEN,
             _ => error_code::NONE,
         }
     }
@@ -198,6 +203,16 @@ async fn handle(hub: Arc<Hub>, conn: quinn::Connection, remote: SocketAddr, shut
         conn.close(error_code::FORBIDDEN.into(), b"no gateway id in certificate");
         return;
     };
+    if let Err(why) = hub.auth.check(&gw) {
+        hub.metrics.refused_handshakes.inc();
+        hub.metrics.auth_refusals.get_or_create(&crate::metrics::ReasonLabel { reason: why.as_str().into() }).inc();
+        let now = hub.started.elapsed();
+        if let Some(suppressed) = hub.log_limit.lock().expect("limit lock").allow("auth", now) {
+            warn!(gateway = %gw, %remote, reason = why.as_str(), suppressed, "Gateway refused by the allow-list or revocation list.");
+        }
+        conn.close(error_code::FORBIDDEN.into(), why.as_str().as_bytes());
+        return;
+    }
     hub.metrics.connections.inc();
     hub.metrics.connected.inc();
     {
@@ -221,6 +236,11 @@ async fn handle(hub: Arc<Hub>, conn: quinn::Connection, remote: SocketAddr, shut
             conn.close(0u32.into(), b"hub shutting down");
         }
         Err(ConnError::Connection(e)) => info!(gateway = %gw, reason = %e, "Gateway connection ended."),
+        Err(ConnError::Forbidden(why)) => {
+            hub.metrics.auth_refusals.get_or_create(&crate::metrics::ReasonLabel { reason: why.as_str().into() }).inc();
+            warn!(gateway = %gw, reason = why.as_str(), "Gateway revoked or no longer allowed; closing its live connection.");
+            conn.close(error_code::FORBIDDEN.into(), why.as_str().as_bytes());
+        }
         Err(e) => {
             let kind = match &e {
                 ConnError::Decode(_) => "frame",
@@ -257,12 +277,17 @@ async fn session(
     let mut gateway_manifest = 0u64;
     let mut sent_manifest = 0u64;
     let mut ready = false;
+    let mut auth_changed = hub.auth.subscribe();
     let mut manifest_tick = tokio::time::interval(Duration::from_secs(2));
     manifest_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let n = tokio::select! {
             _ = shutdown.changed() => return Err(ConnError::Shutdown),
             r = recv.read(&mut buf) => r?,
+            _ = auth_changed.changed() => {
+                hub.auth.check(gw).map_err(ConnError::Forbidden)?;
+                continue;
+            }
             _ = manifest_tick.tick(), if ready => {
                 if let Some(s) = newer_manifest(hub, gw, gateway_manifest.max(sent_manifest)).await {
                     sent_manifest = s.version;

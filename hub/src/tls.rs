@@ -120,3 +120,12 @@ pub fn gateway_id(cert: &CertificateDer<'_>) -> Option<String> {
     let cn = x.subject().iter_common_name().next().and_then(|cn| cn.as_str().ok()).map(str::to_string);
     cn
 }
+
+/// When the first certificate of a PEM file expires.
+pub fn not_after(path: &Path) -> Option<std::time::SystemTime> {
+    use x509_parser::prelude::*;
+    let certs = load_certs(path).ok()?;
+    let (_, x) = X509Certificate::from_der(certs.first()?.as_ref()).ok()?;
+    let secs = u64::try_from(x.validity().not_after.timestamp()).ok()?;
+    Some(std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs))
+}
