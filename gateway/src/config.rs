@@ -119,6 +119,24 @@ pub struct Config {
     pub workloads: WorkloadsSection,
 }
 
+/// A secret from the config: `Debug` prints `***`, so it never reaches a log line.
+#[derive(Clone, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    /// The secret itself, for the one place that needs it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("\"***\"")
+    }
+}
+
 /// `[workloads]`: signed manifests, cached and run by the gateway.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -242,9 +260,9 @@ pub struct MqttSection {
     /// Optional user name.
     #[serde(default)]
     pub username: Option<String>,
-    /// Optional password.
+    /// Optional password (never printed: its `Debug` is `***`).
     #[serde(default)]
-    pub password: Option<String>,
+    pub password: Option<Secret>,
 }
 
 impl Default for MqttSection {
@@ -940,6 +958,16 @@ key = "gw.key"
             .unwrap_err()
             .to_string();
         assert!(err.contains("g.toml") && err.contains("lisen"), "{err}");
+    }
+
+    #[test]
+    fn secrets_are_not_printed() {
+        let c =
+            Config::parse(&format!("[mqtt]\nusername = \"gw\"\npassword = \"hunter2\"\n{MIN}"), Path::new("g.toml"))
+                .unwrap();
+        assert_eq!(c.mqtt.password.as_ref().map(Secret::expose), Some("hunter2"));
+        let printed = format!("{c:?}");
+        assert!(!printed.contains("hunter2") && printed.contains("***"), "{printed}");
     }
 
     #[test]

@@ -50,7 +50,7 @@ pub async fn run(
     let incoming = (m.max_payload_bytes * 2 + 64 * 1024).max(1024 * 1024);
     opts.set_max_packet_size(incoming, 64 * 1024);
     if let (Some(u), Some(p)) = (&m.username, &m.password) {
-        opts.set_credentials(u.clone(), p.clone());
+        opts.set_credentials(u.clone(), p.expose());
     }
     let batch = m.batch_max_messages;
     let handoff = batch * 2;
