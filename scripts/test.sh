@@ -22,6 +22,8 @@ fi
 
 echo "==> cargo fmt --check"
 cargo fmt --all --check
+echo "==> dependencies: cargo deny (bans, licenses, sources; advisories where the database can be had)"
+scripts/check-deps.sh
 echo "==> cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 cargo clippy -p voither-gateway --features sensors --all-targets --locked -- -D warnings

@@ -53,7 +53,7 @@ type Stamp = Option<(Option<SystemTime>, u64)>;
 
 #[derive(Debug, Default)]
 struct Lists {
-    /// None: every gateway with a certificate from the CA.
+    /// None: no id list (see [`Auth::check`]).
     allowed: Option<HashSet<String>>,
     revoked: HashSet<String>,
     allowed_stamp: Stamp,
@@ -64,6 +64,8 @@ struct Lists {
 #[derive(Debug)]
 pub struct Auth {
     cfg: AuthSection,
+    /// The CAs of `allowed_issuers`.
+    issuers: Vec<crate::tls::IssuerKey>,
     lists: RwLock<Lists>,
     changed: watch::Sender<u64>,
 }
@@ -96,7 +98,15 @@ fn read_ids(key: &'static str, path: &Path) -> Result<HashSet<String>, AuthError
 impl Auth {
     /// Reads the lists named in `[auth]`.
     pub fn new(cfg: &AuthSection) -> Result<Self, AuthError> {
-        let auth = Self { cfg: cfg.clone(), lists: RwLock::default(), changed: watch::channel(0).0 };
+        let mut issuers = Vec::new();
+        for p in &cfg.allowed_issuers {
+            issuers.extend(crate::tls::issuer_keys(p).map_err(|e| AuthError {
+                key: "auth.allowed_issuers",
+                path: p.clone(),
+                problem: e.to_string(),
+            })?);
+        }
+        let auth = Self { cfg: cfg.clone(), issuers, lists: RwLock::default(), changed: watch::channel(0).0 };
         {
             let mut l = auth.lists.write().expect("auth lock");
             l.allowed = auth.allowed_now()?;
@@ -122,16 +132,25 @@ impl Auth {
         Ok(set)
     }
 
-    /// May `gateway` connect?
-    pub fn check(&self, gateway: &str) -> Result<(), Refused> {
+    /// May `gateway`, with the verified certificate `cert` (DER), connect?
+    ///
+    /// Revoked ids never. Otherwise, with no allow rule configured, yes; with id lists
+    /// or `allowed_issuers`, when any of them allows it.
+    pub fn check(&self, gateway: &str, cert: &[u8]) -> Result<(), Refused> {
         let l = self.lists.read().expect("auth lock");
         if l.revoked.contains(gateway) {
             return Err(Refused::Revoked);
         }
-        if l.allowed.as_ref().is_some_and(|a| !a.contains(gateway)) {
-            return Err(Refused::NotAllowed);
+        if l.allowed.is_none() && self.issuers.is_empty() {
+            return Ok(());
         }
-        Ok(())
+        let by_id = l.allowed.as_ref().is_some_and(|a| a.contains(gateway));
+        let by_issuer = self.issuers.iter().any(|i| crate::tls::issued_by(cert, i));
+        if by_id || by_issuer {
+            Ok(())
+        } else {
+            Err(Refused::NotAllowed)
+        }
     }
 
     /// Announces every change of the lists.
@@ -200,24 +219,25 @@ mod tests {
             allowed_gateways: vec!["gw-9".into()],
             allowed_gateways_file: Some(allowed.clone()),
             revoked_file: Some(revoked.clone()),
+            allowed_issuers: vec![],
         };
         let auth = Auth::new(&cfg).unwrap();
-        assert_eq!(auth.check("gw-1"), Ok(()));
-        assert_eq!(auth.check("gw-9"), Ok(()), "ids from the config and the file both count");
-        assert_eq!(auth.check("gw-3"), Err(Refused::NotAllowed));
+        assert_eq!(auth.check("gw-1", b""), Ok(()));
+        assert_eq!(auth.check("gw-9", b""), Ok(()), "ids from the config and the file both count");
+        assert_eq!(auth.check("gw-3", b""), Err(Refused::NotAllowed));
         let rx = auth.subscribe();
         assert!(!auth.reload_if_changed());
         std::fs::write(&revoked, "gw-2\n").unwrap();
         assert!(auth.reload_if_changed());
         assert!(rx.has_changed().unwrap());
-        assert_eq!(auth.check("gw-2"), Err(Refused::Revoked));
+        assert_eq!(auth.check("gw-2", b""), Err(Refused::Revoked));
         // A broken file keeps the last good list.
         std::fs::write(&revoked, "gw-2\nnot an id!\n").unwrap();
         assert!(!auth.reload_if_changed());
-        assert_eq!(auth.check("gw-2"), Err(Refused::Revoked));
+        assert_eq!(auth.check("gw-2", b""), Err(Refused::Revoked));
         std::fs::remove_file(&revoked).unwrap();
         assert!(auth.reload_if_changed());
-        assert_eq!(auth.check("gw-2"), Ok(()));
+        assert_eq!(auth.check("gw-2", b""), Ok(()));
         let e = Auth::new(&AuthSection { allowed_gateways_file: Some(dir.path().join("nope")), ..cfg }).unwrap_err();
         assert!(e.to_string().contains("auth.allowed_gateways_file"), "{e}");
     }

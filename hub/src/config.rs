@@ -90,6 +90,11 @@ pub struct AuthSection {
     /// A file of allowed gateway ids, one per line; re-read when it changes.
     #[serde(default)]
     pub allowed_gateways_file: Option<PathBuf>,
+    /// CA certificates (PEM files) of sites: a gateway whose certificate one of them
+    /// issued is allowed, whatever its id. Combined with the id lists: allowed when any
+    /// of them allows it. The issuing CAs must also chain to `tls.ca`.
+    #[serde(default)]
+    pub allowed_issuers: Vec<PathBuf>,
     /// A file of revoked gateway ids, one per line; re-read when it changes. A revoked
     /// gateway is refused at its next handshake and its live connection is closed.
     #[serde(default)]
@@ -258,6 +263,7 @@ impl Config {
         if let Some(p) = cfg.auth.revoked_file.as_mut() {
             paths.push(p);
         }
+        paths.extend(cfg.auth.allowed_issuers.iter_mut());
         for p in paths {
             if p.is_relative() {
                 *p = base.join(&*p);

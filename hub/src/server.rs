@@ -191,19 +191,21 @@ async fn newer_manifest(hub: &Hub, gw: &str, than: u64) -> Option<crate::workloa
     (served.version > than).then_some(served)
 }
 
-fn peer_id(conn: &quinn::Connection) -> Option<String> {
+/// The gateway id and the DER of the verified client certificate.
+fn peer_id(conn: &quinn::Connection) -> Option<(String, Vec<u8>)> {
     let any = conn.peer_identity()?;
     let certs = any.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>().ok()?;
-    crate::tls::gateway_id(certs.first()?)
+    let leaf = certs.first()?;
+    Some((crate::tls::gateway_id(leaf)?, leaf.as_ref().to_vec()))
 }
 
 async fn handle(hub: Arc<Hub>, conn: quinn::Connection, remote: SocketAddr, shutdown: watch::Receiver<bool>) {
-    let Some(gw) = peer_id(&conn) else {
+    let Some((gw, cert_der)) = peer_id(&conn) else {
         warn!(%remote, "Client certificate names no gateway, refused.");
         conn.close(error_code::FORBIDDEN.into(), b"no gateway id in certificate");
         return;
     };
-    if let Err(why) = hub.auth.check(&gw) {
+    if let Err(why) = hub.auth.check(&gw, &cert_der) {
         hub.metrics.refused_handshakes.inc();
         hub.metrics.auth_refusals.get_or_create(&crate::metrics::ReasonLabel { reason: why.as_str().into() }).inc();
         let now = hub.started.elapsed();
@@ -225,7 +227,7 @@ async fn handle(hub: Arc<Hub>, conn: quinn::Connection, remote: SocketAddr, shut
         e.region = hub.info.region.clone();
     }
     info!(gateway = %gw, %remote, "Gateway connected.");
-    let res = session(&hub, &conn, &gw, shutdown).await;
+    let res = session(&hub, &conn, &gw, &cert_der, shutdown).await;
     hub.metrics.connected.dec();
     if let Some(e) = hub.fleet.lock().expect("fleet lock").get_mut(&gw) {
         e.state = "disconnected".into();
@@ -262,6 +264,7 @@ async fn session(
     hub: &Hub,
     conn: &quinn::Connection,
     gw: &str,
+    cert_der: &[u8],
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), ConnError> {
     let (mut send, mut recv) = tokio::select! {
@@ -285,7 +288,7 @@ async fn session(
             _ = shutdown.changed() => return Err(ConnError::Shutdown),
             r = recv.read(&mut buf) => r?,
             _ = auth_changed.changed() => {
-                hub.auth.check(gw).map_err(ConnError::Forbidden)?;
+                hub.auth.check(gw, cert_der).map_err(ConnError::Forbidden)?;
                 continue;
             }
             _ = manifest_tick.tick(), if ready => {

@@ -129,3 +129,31 @@ pub fn not_after(path: &Path) -> Option<std::time::SystemTime> {
     let secs = u64::try_from(x.validity().not_after.timestamp()).ok()?;
     Some(std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs))
 }
+
+/// A CA certificate of `auth.allowed_issuers`: its subject and public key.
+#[derive(Debug, Clone)]
+pub struct IssuerKey {
+    subject: Vec<u8>,
+    spki: Vec<u8>,
+}
+
+/// Every certificate of a PEM file as an [`IssuerKey`].
+pub fn issuer_keys(path: &Path) -> Result<Vec<IssuerKey>, TlsError> {
+    use x509_parser::prelude::*;
+    load_certs(path)?
+        .iter()
+        .map(|c| {
+            X509Certificate::from_der(c.as_ref())
+                .map(|(_, x)| IssuerKey { subject: x.subject().as_raw().to_vec(), spki: x.public_key().raw.to_vec() })
+                .map_err(|e| TlsError::Pem { path: path.into(), what: format!("unreadable certificate: {e}") })
+        })
+        .collect()
+}
+
+/// Did `issuer` sign `cert` (names match and the signature verifies with its key)?
+pub fn issued_by(cert: &[u8], issuer: &IssuerKey) -> bool {
+    use x509_parser::prelude::*;
+    let Ok((_, x)) = X509Certificate::from_der(cert) else { return false };
+    let Ok((_, spki)) = SubjectPublicKeyInfo::from_der(&issuer.spki) else { return false };
+    x.issuer().as_raw() == issuer.subject.as_slice() && x.verify_signature(Some(&spki)).is_ok()
+}

@@ -233,6 +233,7 @@ fn a_ca_bundle_rotated_on_the_hub_admits_the_new_ca_without_a_restart() {
         wait_for(Duration::from_secs(20), || hub.metric("voither_hub_refused_handshakes_total").filter(|n| *n >= 1.0));
     assert!(refused.is_some() && !connected(&gw), "a CA the hub does not know is refused");
 
+    std::fs::copy(pki.dir.join("ca.pem"), dir.path().join("site-a-ca.pem")).unwrap();
     // The hub's CA bundle gets site B's CA appended: no restart needed.
     let mut bundle = std::fs::read_to_string(pki.dir.join("ca.pem")).unwrap();
     bundle.push_str(&std::fs::read_to_string(site_b.dir.join("ca.pem")).unwrap());
@@ -243,4 +244,26 @@ fn a_ca_bundle_rotated_on_the_hub_admits_the_new_ca_without_a_restart() {
     assert_eq!(hub.proc.as_ref().unwrap().pid(), hub_pid, "no hub restart");
     assert!(hub.metric("voither_hub_tls_reloads_total").unwrap() >= 1.0);
     assert!(hub.metric("voither_hub_tls_cert_expiry_seconds").unwrap() > 86_400.0);
+
+    // Authorization by issuing CA: allowing only site A's CA refuses site B's gateway,
+    // though its certificate chains to the bundle; allowing site B's admits it.
+    let mut hub = hub;
+    let base = std::fs::read_to_string(&hub.config).unwrap();
+    for (ca, admitted) in [(dir.path().join("site-a-ca.pem"), false), (site_b.dir.join("ca.pem"), true)] {
+        hub.stop();
+        std::fs::write(&hub.config, format!("{base}\n[auth]\nallowed_issuers = [\"{}\"]\n", ca.display())).unwrap();
+        hub.restart();
+        if admitted {
+            let on = wait_for(Duration::from_secs(30), || connected(&gw).then_some(()));
+            assert!(on.is_some(), "gateway of an allowed issuer refused\n{}", hub.log_tail());
+        } else {
+            let refused = wait_for(Duration::from_secs(30), || {
+                let (_, page) = voither_tests::procs::http_get(hub.admin, "/metrics").ok()?;
+                let key = "voither_hub_auth_refusals_total{reason=\"not_allowed\"} ";
+                let n: f64 = page.lines().find_map(|l| l.strip_prefix(key))?.parse().ok()?;
+                (n >= 1.0).then_some(())
+            });
+            assert!(refused.is_some() && !connected(&gw), "site B refused when only site A's CA is allowed");
+        }
+    }
 }
