@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use axum::body::Body;
 use axum::extract::{Query, State};
-use axum::http::header;
+use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
@@ -13,13 +13,29 @@ use axum::{Json, Router};
 use crate::server::Hub;
 
 /// The router.
-pub fn router(hub: Arc<Hub>) -> Router {
-    Router::new()
+///
+/// Without `serve_export`, `/export` answers 403: stored records are served only on
+/// loopback unless `admin.export_on_network` says otherwise.
+pub fn router(hub: Arc<Hub>, serve_export: bool) -> Router {
+    let r = Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/metrics", get(metrics))
-        .route("/fleet", get(fleet))
-        .route("/export", get(export))
-        .with_state(hub)
+        .route("/fleet", get(fleet));
+    let r = if serve_export {
+        r.route("/export", get(export))
+    } else {
+        r.route(
+            "/export",
+            get(|| async {
+                (
+                    StatusCode::FORBIDDEN,
+                    "/export is off: admin.listen is not on loopback; set admin.export_on_network = true to serve \
+                     stored records there\n",
+                )
+            }),
+        )
+    };
+    r.with_state(hub)
 }
 
 async fn metrics(State(h): State<Arc<Hub>>) -> Response {

@@ -201,11 +201,15 @@ pub struct AdminSection {
     /// Listen address of `/metrics`, `/healthz`, `/fleet`, `/export`.
     #[serde(default = "default_admin")]
     pub listen: SocketAddr,
+    /// Serve `/export` (stored records) also when `listen` is not on loopback. Off by
+    /// default: on the network, the admin endpoint serves no data records.
+    #[serde(default)]
+    pub export_on_network: bool,
 }
 
 impl Default for AdminSection {
     fn default() -> Self {
-        Self { listen: default_admin() }
+        Self { listen: default_admin(), export_on_network: false }
     }
 }
 

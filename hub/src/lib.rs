@@ -91,8 +91,13 @@ pub async fn run(cfg: Config, shutdown: impl std::future::Future<Output = ()>) -
         key: "admin.listen",
         source,
     })?;
+    let serve_export = cfg.admin.listen.ip().is_loopback() || cfg.admin.export_on_network;
     if !cfg.admin.listen.ip().is_loopback() {
-        warn!(listen = %cfg.admin.listen, "Admin endpoint is not on loopback; /export serves stored records to anyone who reaches it.");
+        if serve_export {
+            warn!(listen = %cfg.admin.listen, "Admin endpoint is not on loopback and admin.export_on_network is set: /export serves stored records to anyone who reaches it.");
+        } else {
+            warn!(listen = %cfg.admin.listen, "Admin endpoint is not on loopback; /export is off there (admin.export_on_network = false).");
+        }
     }
     let endpoint = quinn::Endpoint::server(server_cfg, cfg.hub.listen).map_err(|source| StartError::Bind {
         addr: cfg.hub.listen,
@@ -102,7 +107,7 @@ pub async fn run(cfg: Config, shutdown: impl std::future::Future<Output = ()>) -
     let (stop_tx, stop_rx) = watch::channel(false);
     let admin = {
         let mut rx = stop_rx.clone();
-        let app = admin::router(hub.clone());
+        let app = admin::router(hub.clone(), serve_export);
         tokio::spawn(async move {
             let _ = axum::serve(listener, app)
                 .with_graceful_shutdown(async move {

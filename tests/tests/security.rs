@@ -267,3 +267,23 @@ fn a_ca_bundle_rotated_on_the_hub_admits_the_new_ca_without_a_restart() {
         }
     }
 }
+
+#[test]
+fn on_the_network_the_hub_admin_endpoint_serves_no_records() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::generate(&dir.path().join("pki"), &["gw-1"]);
+    let mut hub = Hub::start(&dir.path().join("hub"), &pki, "hub-1");
+    hub.stop();
+    let port = hub.admin.port();
+    hub.set_config("admin", &[("listen", &format!("\"0.0.0.0:{port}\""))]);
+    hub.restart();
+    let (status, body) = voither_tests::procs::http_get(hub.admin, "/export").unwrap();
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("admin.export_on_network"), "{body}");
+    assert_eq!(voither_tests::procs::http_get(hub.admin, "/fleet").unwrap().0, 200);
+    assert!(hub.log_tail().contains("/export is off there"), "{}", hub.log_tail());
+    hub.stop();
+    hub.set_config("admin", &[("export_on_network", "true")]);
+    hub.restart();
+    assert_eq!(voither_tests::procs::http_get(hub.admin, "/export").unwrap().0, 200);
+}
