@@ -41,6 +41,7 @@ pub async fn append_loop(
                         metrics.ingested_records.get_or_create(&l).inc();
                         metrics.ingested_bytes.get_or_create(&l).inc_by(r.payload.len() as u64);
                         metrics.stored_records.get_or_create(&l).inc();
+                        metrics.stored_bytes.get_or_create(&l).inc_by(r.payload.len() as u64);
                     }
                     metrics.evicted(&app.evicted);
                     appended.notify_one();

@@ -308,6 +308,7 @@ async fn commit(
                     metrics.ingested_records.get_or_create(&l).inc();
                     metrics.ingested_bytes.get_or_create(&l).inc_by(p.payload.len() as u64);
                     metrics.stored_records.get_or_create(&l).inc();
+                    metrics.stored_bytes.get_or_create(&l).inc_by(p.payload.len() as u64);
                 }
                 metrics.evicted(&app.evicted);
                 for (pkid, hash) in &entries {

@@ -63,6 +63,8 @@ pub struct Metrics {
     pub ingested_bytes: Family<LaneLabel, Counter>,
     /// Records durably committed to the store, by lane.
     pub stored_records: Family<LaneLabel, Counter>,
+    /// Payload bytes durably committed to the local store, by lane.
+    pub stored_bytes: Family<LaneLabel, Counter>,
     /// Records acknowledged by a hub and deleted locally, by lane.
     pub synced_records: Family<LaneLabel, Counter>,
     /// Payload bytes acknowledged by a hub, by lane.
@@ -152,6 +154,7 @@ impl Metrics {
             ingested_records: Family::default(),
             ingested_bytes: Family::default(),
             stored_records: Family::default(),
+            stored_bytes: Family::default(),
             synced_records: Family::default(),
             synced_bytes: Family::default(),
             dropped_records: Family::default(),
@@ -193,6 +196,7 @@ impl Metrics {
         registry.register("ingested_records", "Messages received from the broker", m.ingested_records.clone());
         registry.register("ingested_bytes", "Payload bytes received from the broker", m.ingested_bytes.clone());
         registry.register("stored_records", "Records durably committed to the local store", m.stored_records.clone());
+        registry.register("stored_bytes", "Payload bytes durably committed to the local store", m.stored_bytes.clone());
         registry.register("synced_records", "Records acknowledged by a hub", m.synced_records.clone());
         registry.register("synced_bytes", "Payload bytes acknowledged by a hub", m.synced_bytes.clone());
         registry.register("dropped_records", "Records not stored, by reason", m.dropped_records.clone());

@@ -48,6 +48,7 @@ fn twenty_thousand_messages_arrive_exactly_once_in_order() {
     let synced = lab.gateway.metric("voither_gateway_synced_records_total").unwrap();
     assert_eq!(synced, 20_000.0);
     assert_eq!(lab.gateway.metric("voither_gateway_stored_records_total"), Some(20_000.0));
+    assert_eq!(lab.gateway.metric("voither_gateway_stored_bytes_total"), Some(20_000.0 * 256.0));
     assert_eq!(lab.hub.metric("voither_hub_duplicate_records_total"), Some(0.0));
 
     // The same state, for people: `voither-gateway status` and `voither-hub fleet`.
