@@ -137,7 +137,7 @@ fn status(cfg: &Config, json: bool) -> ExitCode {
         up["hub_id"].as_str().unwrap_or("-"),
         up["region"].as_str().unwrap_or("-"),
         up["sessions"],
-        up["rtt_ms"].as_u64().map_or("-".into(), |r| format!("{r} ms")),
+        up["rtt_ms"].as_f64().map_or("-".into(), |r| format!("{r:.2} ms")),
         match up["rate_limit_bytes_per_s"].as_u64().unwrap_or(0) {
             0 => "none".to_string(),
             r => format!("{r} B/s"),

@@ -51,7 +51,7 @@ pub struct UplinkStatus {
     /// The endpoint list in use (from the config, or the latest a hub sent).
     pub endpoints: Vec<String>,
     /// Smoothed round-trip time of the session, milliseconds.
-    pub rtt_ms: Option<u64>,
+    pub rtt_ms: Option<f64>,
     /// Effective rate limit, bytes per second (0: none).
     pub rate_limit_bytes_per_s: u64,
     /// Rate the hub asked for with `SlowDown` in this session (0: none).
@@ -681,7 +681,7 @@ impl Uplink {
                     self.cert_expiry();
                     let rtt = conn.rtt();
                     self.metrics.uplink_rtt_seconds.set(rtt.as_secs_f64());
-                    self.status.lock().expect("status lock").rtt_ms = Some(rtt.as_millis() as u64);
+                    self.status.lock().expect("status lock").rtt_ms = Some((rtt.as_secs_f64() * 100_000.0).round() / 100.0);
                     // The stats read a transaction: keep it off the runtime's threads.
                     let store = self.store.clone();
                     if let Ok(Ok(stats)) = tokio::task::spawn_blocking(move || store.stats()).await {
