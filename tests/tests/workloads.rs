@@ -210,7 +210,13 @@ fn a_crashing_workload_backs_off_and_reconcile_starts_stops_and_restarts() {
     let sleeper =
         |arg: &str| format!("[[workloads]]\nname = \"sleeper\"\ncommand = \"/bin/sleep\"\nargs = [\"{arg}\"]\n");
     let worker = worker_spec("worker", "worker.sh");
-    w.publish(&format!("version = 1\n{worker}{}{crasher}", sleeper("600")));
+    // Runs, but its health probe finds nothing listening: restarted as unhealthy.
+    let prober = format!(
+        "[[workloads]]\nname = \"prober\"\ncommand = \"/bin/sleep\"\nargs = [\"600\"]\nbackoff_min_ms = 100\n\
+         [workloads.health]\nhttp_port = {}\ninterval_ms = 200\nfailures = 2\n",
+        voither_tests::procs::free_tcp_port()
+    );
+    w.publish(&format!("version = 1\n{worker}{}{crasher}{prober}", sleeper("600")));
     let gw = &w.lab.gateway;
     let pid = wait_for(Duration::from_secs(30), || running_pid(gw, "worker"))
         .unwrap_or_else(|| panic!("worker not running\n{}", w.lab.logs()));
@@ -228,6 +234,11 @@ fn a_crashing_workload_backs_off_and_reconcile_starts_stops_and_restarts() {
         let backoff = 200u64 << i;
         assert!(*g >= backoff, "restart {i} came after {g} ms, before its backoff of {backoff} ms");
     }
+    let unhealthy = wait_for(Duration::from_secs(30), || {
+        let p = workload(gw, "prober")?;
+        (p["last_exit"].as_str()?.starts_with("unhealthy") && p["restarts"].as_u64()? >= 1).then_some(p)
+    });
+    assert!(unhealthy.is_some(), "failing health probe did not restart the workload\n{}", gw.log_tail());
     let c = workload(gw, "crasher").unwrap();
     assert_eq!(c["last_exit"], "exit 3");
     assert!(c["restarts"].as_u64().unwrap() >= 3);
@@ -237,7 +248,7 @@ fn a_crashing_workload_backs_off_and_reconcile_starts_stops_and_restarts() {
     w.publish(&format!("version = 2\n{worker}{}", sleeper("700")));
     let changed = wait_for(Duration::from_secs(30), || {
         let p = running_pid(gw, "sleeper")?;
-        (p != sleeper_pid && workload(gw, "crasher").is_none()).then_some(p)
+        (p != sleeper_pid && workload(gw, "crasher").is_none() && workload(gw, "prober").is_none()).then_some(p)
     })
     .unwrap_or_else(|| panic!("v2 not reconciled\n{}", gw.log_tail()));
     assert_eq!(running_pid(gw, "worker"), Some(pid), "an unchanged workload is left running");
