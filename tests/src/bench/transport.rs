@@ -1,0 +1,56 @@
+//! The transport limit: a bare quinn connection (lab PKI, quinn's default transport
+//! settings) moving bytes on one bidirectional stream, client and server in this
+//! process. The server counts what it read and answers with the count once the client
+//! finishes the stream, so the time covers delivery, not just the client's writes.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+/// Write size of the client.
+const CHUNK: usize = 64 * 1024;
+
+/// A bare QUIC server from the lab PKI; returns its endpoint (bound on loopback).
+pub fn server(pki: &Path) -> quinn::Endpoint {
+    voither_tests::raw::server(pki)
+}
+
+/// Serves one bulk transfer on `ep`: reads one stream to its end, answers with the
+/// number of bytes read.
+pub async fn serve_one(ep: quinn::Endpoint) {
+    let Some(incoming) = ep.accept().await else { return };
+    let Ok(conn) = incoming.await else { return };
+    let Ok((mut send, mut recv)) = conn.accept_bi().await else { return };
+    let mut buf = vec![0u8; CHUNK];
+    let mut n = 0u64;
+    while let Ok(Some(k)) = recv.read(&mut buf).await {
+        n += k as u64;
+    }
+    let _ = send.write_all(&n.to_be_bytes()).await;
+    let _ = send.finish();
+    let _ = tokio::time::timeout(Duration::from_secs(5), conn.closed()).await;
+}
+
+/// Sends `total` bytes (or until `limit` passes) to the server at `addr` on one stream.
+/// Returns the bytes the server read, and the time from opening the stream to the
+/// server's answer.
+pub async fn bulk(pki: &Path, addr: SocketAddr, total: u64, limit: Duration) -> (u64, Duration) {
+    let ep = voither_tests::raw::endpoint(&pki.join("ca.pem"), None);
+    let conn = ep.connect(addr, "voither-hub").expect("connect").await.expect("QUIC handshake");
+    let (mut send, mut recv) = conn.open_bi().await.expect("stream");
+    let buf = vec![0xa5u8; CHUNK];
+    let t0 = Instant::now();
+    let mut sent = 0u64;
+    while sent < total && t0.elapsed() < limit {
+        let k = (total - sent).min(CHUNK as u64) as usize;
+        send.write_all(&buf[..k]).await.expect("write");
+        sent += k as u64;
+    }
+    send.finish().expect("finish");
+    let mut ans = [0u8; 8];
+    recv.read_exact(&mut ans).await.expect("the server's count");
+    let elapsed = t0.elapsed();
+    conn.close(0u32.into(), b"done");
+    ep.wait_idle().await;
+    (u64::from_be_bytes(ans), elapsed)
+}
