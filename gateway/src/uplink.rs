@@ -678,7 +678,7 @@ impl Uplink {
                     }
                 }
                 _ = status_tick.tick() => {
-                    self.cert_expiry();
+                    self.cert_time_left();
                     let rtt = conn.rtt();
                     self.metrics.uplink_rtt_seconds.set(rtt.as_secs_f64());
                     self.status.lock().expect("status lock").rtt_ms = Some((rtt.as_secs_f64() * 100_000.0).round() / 100.0);
@@ -708,16 +708,21 @@ impl Uplink {
 
 impl Uplink {
     /// Updates the certificate expiry in metrics and `/status`.
+    /// Reads the certificate's expiry (at start and when the TLS files change).
     fn cert_expiry(&self) {
-        let Some(t) = crate::tls::not_after(&self.cfg.uplink.cert) else { return };
-        let now = std::time::SystemTime::now();
-        let left = match t.duration_since(now) {
-            Ok(d) => d.as_secs_f64(),
-            Err(e) => -e.duration().as_secs_f64(),
-        };
-        self.metrics.tls_cert_expiry_seconds.set(left);
+        let not_after = crate::tls::not_after(&self.cfg.uplink.cert)
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map(|d| d.as_secs());
+        self.status.lock().expect("status lock").cert_not_after_unix = not_after;
+        self.cert_time_left();
+    }
+
+    /// Updates the time left on the certificate from the expiry read last.
+    fn cert_time_left(&self) {
         let mut st = self.status.lock().expect("status lock");
-        st.cert_not_after_unix = t.duration_since(std::time::UNIX_EPOCH).ok().map(|d| d.as_secs());
+        let Some(t) = st.cert_not_after_unix else { return };
+        let left = t as f64 - crate::unix_ms() as f64 / 1000.0;
+        self.metrics.tls_cert_expiry_seconds.set(left);
         st.cert_expires_in_days = Some((left / 86_400.0 * 10.0).round() / 10.0);
     }
 

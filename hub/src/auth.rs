@@ -49,7 +49,8 @@ impl Refused {
     }
 }
 
-type Stamp = Option<(Option<SystemTime>, u64)>;
+/// Modification time and size of a file (None: missing), to notice changes.
+pub type Stamp = Option<(Option<SystemTime>, u64)>;
 
 #[derive(Debug, Default)]
 struct Lists {
@@ -70,7 +71,8 @@ pub struct Auth {
     changed: watch::Sender<u64>,
 }
 
-fn stamp(p: &Path) -> Stamp {
+/// The [`Stamp`] of `p` now.
+pub fn stamp(p: &Path) -> Stamp {
     std::fs::metadata(p).ok().map(|m| (m.modified().ok(), m.len()))
 }
 

@@ -165,11 +165,10 @@ pub fn notify_systemd(state: &str) {
 /// the new ones; a bad new file keeps the old configuration and is logged). Also keeps
 /// `voither_hub_tls_cert_expiry_seconds` current.
 async fn reload_files(hub: Arc<server::Hub>, endpoint: quinn::Endpoint, cfg: Config, mut stop: watch::Receiver<bool>) {
-    let files = [cfg.tls.ca.clone(), cfg.tls.cert.clone(), cfg.tls.key.clone()];
-    let stamps = |files: &[std::path::PathBuf; 3]| -> Vec<Option<(Option<std::time::SystemTime>, u64)>> {
-        files.iter().map(|p| std::fs::metadata(p).ok().map(|m| (m.modified().ok(), m.len()))).collect()
-    };
-    let mut last = stamps(&files);
+    let files = [&cfg.tls.ca, &cfg.tls.cert, &cfg.tls.key];
+    let stamps = || files.map(|p| auth::stamp(p));
+    let mut last = stamps();
+    let mut not_after = tls::not_after(&cfg.tls.cert);
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         tokio::select! {
@@ -178,15 +177,16 @@ async fn reload_files(hub: Arc<server::Hub>, endpoint: quinn::Endpoint, cfg: Con
         }
         let h = hub.clone();
         let _ = tokio::task::spawn_blocking(move || h.auth.reload_if_changed()).await;
-        if let Some(t) = tls::not_after(&cfg.tls.cert) {
+        if let Some(t) = not_after {
             let left = t.duration_since(std::time::SystemTime::now()).map_or(0.0, |d| d.as_secs_f64());
             hub.metrics.tls_cert_expiry_seconds.set(left);
         }
-        let now = stamps(&files);
+        let now = stamps();
         if now == last {
             continue;
         }
         last = now;
+        not_after = tls::not_after(&cfg.tls.cert);
         match tls::server_config(
             &cfg.tls.ca,
             &cfg.tls.cert,

@@ -599,3 +599,12 @@ impl Lab {
         format!("{}\n{}", self.gateway.log_tail(), self.hub.log_tail())
     }
 }
+
+/// The next `sd_notify` message (`READY=1`, `WATCHDOG=1`, …) a process sent to the
+/// datagram socket given to it as `NOTIFY_SOCKET`, or None after `timeout`.
+pub fn next_notify(sock: &std::os::unix::net::UnixDatagram, timeout: Duration) -> Option<String> {
+    sock.set_read_timeout(Some(timeout)).expect("read timeout");
+    let mut buf = [0u8; 512];
+    let n = sock.recv(&mut buf).ok()?;
+    Some(String::from_utf8_lossy(&buf[..n]).into_owned())
+}

@@ -5,14 +5,7 @@
 use std::os::unix::net::UnixDatagram;
 use std::time::Duration;
 
-use voither_tests::procs::{wait_for, Hub, Pki};
-
-fn next_message(sock: &UnixDatagram, timeout: Duration) -> Option<String> {
-    sock.set_read_timeout(Some(timeout)).unwrap();
-    let mut buf = [0u8; 512];
-    let n = sock.recv(&mut buf).ok()?;
-    Some(String::from_utf8_lossy(&buf[..n]).into_owned())
-}
+use voither_tests::procs::{next_notify, wait_for, Hub, Pki};
 
 #[test]
 fn hub_pings_the_systemd_watchdog() {
@@ -29,20 +22,20 @@ fn hub_pings_the_systemd_watchdog() {
     ];
     hub.restart();
     let ready =
-        wait_for(Duration::from_secs(10), || next_message(&sock, Duration::from_secs(1)).filter(|m| m == "READY=1"));
+        wait_for(Duration::from_secs(10), || next_notify(&sock, Duration::from_secs(1)).filter(|m| m == "READY=1"));
     assert!(ready.is_some(), "READY=1 once the sink is open and the sockets bound\n{}", hub.log_tail());
     for i in 0..6 {
-        let m = next_message(&sock, Duration::from_secs(2));
+        let m = next_notify(&sock, Duration::from_secs(2));
         assert_eq!(m.as_deref(), Some("WATCHDOG=1"), "ping {i}\n{}", hub.log_tail());
     }
 
     // A WATCHDOG_PID of another process means the variables are not meant for the hub.
     hub.stop();
-    while next_message(&sock, Duration::from_millis(100)).is_some() {}
+    while next_notify(&sock, Duration::from_millis(100)).is_some() {}
     hub.env.push(("WATCHDOG_PID".into(), "1".into()));
     hub.restart();
     let ready =
-        wait_for(Duration::from_secs(10), || next_message(&sock, Duration::from_secs(1)).filter(|m| m == "READY=1"));
+        wait_for(Duration::from_secs(10), || next_notify(&sock, Duration::from_secs(1)).filter(|m| m == "READY=1"));
     assert!(ready.is_some(), "READY=1\n{}", hub.log_tail());
-    assert_eq!(next_message(&sock, Duration::from_secs(1)), None, "no pings for another process's watchdog");
+    assert_eq!(next_notify(&sock, Duration::from_secs(1)), None, "no pings for another process's watchdog");
 }

@@ -13,7 +13,7 @@ use std::os::unix::net::UnixDatagram;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use voither_tests::procs::{wait_for, Gateway, GatewayOpts, Hub, Lab, Mosquitto, Pki};
+use voither_tests::procs::{next_notify, wait_for, Gateway, GatewayOpts, Hub, Lab, Mosquitto, Pki};
 use voither_tests::sim::{self, SimConfig, SimReport};
 
 fn publish(port: u16, devices: u32, messages: u64) -> SimReport {
@@ -143,14 +143,6 @@ fn a_hub_can_slow_a_gateway_down() {
     assert_paced(sent, secs, 24576.0);
 }
 
-/// Receives datagrams until `until` says stop or `timeout` passes without one.
-fn next_message(sock: &UnixDatagram, timeout: Duration) -> Option<String> {
-    sock.set_read_timeout(Some(timeout)).unwrap();
-    let mut buf = [0u8; 512];
-    let n = sock.recv(&mut buf).ok()?;
-    Some(String::from_utf8_lossy(&buf[..n]).into_owned())
-}
-
 #[test]
 fn watchdog_pings_only_while_every_loop_ticks() {
     let mut lab = Lab::start();
@@ -164,21 +156,21 @@ fn watchdog_pings_only_while_every_loop_ticks() {
     ];
     lab.gateway.restart();
     let ready =
-        wait_for(Duration::from_secs(10), || next_message(&sock, Duration::from_secs(1)).filter(|m| m == "READY=1"));
+        wait_for(Duration::from_secs(10), || next_notify(&sock, Duration::from_secs(1)).filter(|m| m == "READY=1"));
     assert!(ready.is_some(), "READY=1 once the store is open");
     // A healthy gateway keeps pinging: 12 pings in a row, none more than 3 s apart.
     for i in 0..12 {
-        let m = next_message(&sock, Duration::from_secs(3));
+        let m = next_notify(&sock, Duration::from_secs(3));
         assert_eq!(m.as_deref(), Some("WATCHDOG=1"), "ping {i}\n{}", lab.gateway.log_tail());
     }
 
     // Now the uplink loop hangs after its handshake: the pings must stop.
     lab.gateway.stop();
-    while next_message(&sock, Duration::from_millis(100)).is_some() {}
+    while next_notify(&sock, Duration::from_millis(100)).is_some() {}
     lab.gateway.env.push(("VOITHER_GATEWAY_FAILPOINT".into(), "stall-uplink".into()));
     lab.gateway.restart();
     let mut pings = 0;
-    let silent = wait_for(Duration::from_secs(30), || match next_message(&sock, Duration::from_secs(5)) {
+    let silent = wait_for(Duration::from_secs(30), || match next_notify(&sock, Duration::from_secs(5)) {
         Some(m) => {
             pings += u32::from(m == "WATCHDOG=1");
             None
