@@ -4,13 +4,19 @@
 #   scripts/test.sh            format check, clippy, build, all tests
 #
 # The end-to-end tests start their own Mosquitto, hubs and gateways on free loopback
-# ports; Mosquitto comes from Debian's packages and is installed here when missing.
+# ports; Mosquitto and PostgreSQL come from Debian's packages and are installed here
+# when missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 missing=()
 if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; then
   missing+=(mosquitto)
+fi
+# PostgreSQL's server binaries for the PostgreSQL sink tests (tests/src/pg.rs starts a
+# throwaway server in a temporary folder; the package's own cluster is not used).
+if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && ! command -v initdb >/dev/null 2>&1; then
+  missing+=(postgresql)
 fi
 if [ ${#missing[@]} -gt 0 ]; then
   echo "==> installing ${missing[*]}"

@@ -65,21 +65,7 @@ pub struct ExportQuery {
 async fn export(State(h): State<Arc<Hub>>, Query(q): Query<ExportQuery>) -> Response {
     let (tx, rx) = tokio::sync::mpsc::channel::<Vec<u8>>(8);
     let sink = h.sink.clone();
-    tokio::task::spawn_blocking(move || {
-        let mut chunk = Vec::with_capacity(64 * 1024);
-        let res = sink.export(q.gateway.as_deref(), q.lane.as_deref(), |row| {
-            serde_json::to_writer(&mut chunk, &row).expect("serialising to a Vec");
-            chunk.push(b'\n');
-            if chunk.len() >= 60 * 1024 {
-                return tx.blocking_send(std::mem::replace(&mut chunk, Vec::with_capacity(64 * 1024))).is_ok();
-            }
-            true
-        });
-        if let Err(e) = res {
-            chunk.extend_from_slice(format!("{{\"kind\":\"error\",\"message\":{:?}}}\n", e.to_string()).as_bytes());
-        }
-        let _ = tx.blocking_send(chunk);
-    });
+    tokio::spawn(async move { sink.export_ndjson(q.gateway, q.lane, tx).await });
     let stream =
         futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|b| (Ok::<_, Infallible>(b), rx)) });
     ([(header::CONTENT_TYPE, "application/x-ndjson")], Body::from_stream(stream)).into_response()

@@ -221,18 +221,48 @@ fn default_admin() -> SocketAddr {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SinkSection {
-    /// `embedded` (the default).
+    /// `embedded` (the default: a redb file in `hub.data_dir`, one per hub) or
+    /// `postgres` (a shared database: any replica serves any gateway).
     #[serde(default = "default_kind")]
     pub kind: String,
     /// Page cache of the embedded sink, bytes.
     #[serde(default = "default_cache")]
     pub cache_bytes: usize,
+    /// `postgres`: connection string, as a URL (`postgresql://voither@db:5432/voither`)
+    /// or libpq key/values (`host=db port=5432 user=voither dbname=voither`).
+    #[serde(default)]
+    pub url: Option<String>,
+    /// `postgres`: file holding the password (kept out of `url` and this file); read
+    /// at start. Relative to the config file's folder.
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+    /// `postgres`: most connections this hub opens (commits of different gateways run
+    /// on different connections at once).
+    #[serde(default = "default_pool")]
+    pub pool_size: usize,
+    /// `postgres`: timeout of one connection attempt, ms.
+    #[serde(default = "default_pg_connect")]
+    pub connect_timeout_ms: u64,
 }
 
 impl Default for SinkSection {
     fn default() -> Self {
-        Self { kind: default_kind(), cache_bytes: default_cache() }
+        Self {
+            kind: default_kind(),
+            cache_bytes: default_cache(),
+            url: None,
+            password_file: None,
+            pool_size: default_pool(),
+            connect_timeout_ms: default_pg_connect(),
+        }
     }
+}
+
+const fn default_pool() -> usize {
+    8
+}
+const fn default_pg_connect() -> u64 {
+    5000
 }
 
 fn default_kind() -> String {
@@ -267,6 +297,9 @@ impl Config {
         if let Some(p) = cfg.auth.revoked_file.as_mut() {
             paths.push(p);
         }
+        if let Some(p) = cfg.sink.password_file.as_mut() {
+            paths.push(p);
+        }
         paths.extend(cfg.auth.allowed_issuers.iter_mut());
         for p in paths {
             if p.is_relative() {
@@ -281,8 +314,32 @@ impl Config {
         let cfg: Config =
             toml::from_str(text).map_err(|e| ConfigError::Parse { path: path.into(), message: e.to_string() })?;
         let bad = |key: &str, message: String| ConfigError::Invalid { path: path.into(), key: key.into(), message };
-        if cfg.sink.kind != "embedded" {
-            return Err(bad("sink.kind", format!("{:?} is not a sink this hub has (embedded)", cfg.sink.kind)));
+        match cfg.sink.kind.as_str() {
+            "embedded" => {
+                if cfg.sink.url.is_some() {
+                    return Err(bad(
+                        "sink.url",
+                        "is for kind = \"postgres\"; the embedded sink lives in hub.data_dir".into(),
+                    ));
+                }
+            }
+            "postgres" => {
+                let Some(url) = &cfg.sink.url else {
+                    return Err(bad("sink.url", "kind = \"postgres\" needs a connection string".into()));
+                };
+                if let Err(e) = crate::pg::parse_url(url) {
+                    return Err(bad("sink.url", format!("not a PostgreSQL connection string: {e}")));
+                }
+                if cfg.sink.pool_size == 0 || cfg.sink.pool_size > 1024 {
+                    return Err(bad("sink.pool_size", "must be 1 to 1024".into()));
+                }
+                if cfg.sink.connect_timeout_ms < 100 {
+                    return Err(bad("sink.connect_timeout_ms", "must be at least 100".into()));
+                }
+            }
+            other => {
+                return Err(bad("sink.kind", format!("{other:?} is not a sink this hub has (embedded, postgres)")));
+            }
         }
         if cfg.hub.id.is_empty() {
             return Err(bad("hub.id", "must not be empty".into()));
@@ -318,6 +375,22 @@ mod tests {
         assert!(Config::parse(base, Path::new("h.toml")).is_ok());
         let e = Config::parse(&format!("{base}[sink]\nkind = \"s3\"\n"), Path::new("h.toml")).unwrap_err().to_string();
         assert!(e.contains("sink.kind") && e.contains("h.toml"), "{e}");
+        let e = Config::parse(&format!("{base}[sink]\nkind = \"postgres\"\n"), Path::new("h.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("sink.url"), "{e}");
+        let e = Config::parse(
+            &format!("{base}[sink]\nkind = \"postgres\"\nurl = \"host=db port=nope\"\n"),
+            Path::new("h.toml"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("sink.url") && e.contains("h.toml"), "{e}");
+        let ok = format!("{base}[sink]\nkind = \"postgres\"\nurl = \"postgresql://voither@db:5432/voither\"\n");
+        assert!(Config::parse(&ok, Path::new("h.toml")).is_ok());
+        let e =
+            Config::parse(&format!("{base}[sink]\nurl = \"host=db\"\n"), Path::new("h.toml")).unwrap_err().to_string();
+        assert!(e.contains("sink.url") && e.contains("embedded"), "{e}");
         let e =
             Config::parse(&format!("{base}[hub]\nlisten = \"nope\"\n"), Path::new("h.toml")).unwrap_err().to_string();
         assert!(e.contains("listen"), "{e}");

@@ -11,6 +11,7 @@ pub mod admin;
 pub mod auth;
 pub mod config;
 pub mod metrics;
+pub mod pg;
 pub mod pki;
 pub mod server;
 pub mod sink;
@@ -42,6 +43,14 @@ pub enum StartError {
     /// The sink could not be opened.
     #[error(transparent)]
     Sink(#[from] sink::SinkError),
+    /// The sink the config key names could not be opened.
+    #[error("sink (key {at}): {error}")]
+    SinkAt {
+        /// The config key.
+        at: &'static str,
+        /// Why.
+        error: sink::SinkError,
+    },
     /// TLS material is missing or bad.
     #[error(transparent)]
     Tls(#[from] tls::TlsError),
@@ -66,9 +75,7 @@ pub async fn run(cfg: Config, shutdown: impl std::future::Future<Output = ()>) -
     std::fs::create_dir_all(dir).map_err(|source| StartError::DataDir { path: dir.clone(), source })?;
     let server_cfg =
         tls::server_config(&cfg.tls.ca, &cfg.tls.cert, &cfg.tls.key, Duration::from_millis(cfg.hub.idle_timeout_ms))?;
-    let path = dir.join("sink.redb");
-    let cache = cfg.sink.cache_bytes;
-    let sink = Arc::new(tokio::task::spawn_blocking(move || sink::Sink::open(&path, cache)).await.expect("open task")?);
+    let sink = open_sink(&cfg).await?;
     let hub = Arc::new(server::Hub {
         sink,
         info: HubInfo {
@@ -126,8 +133,7 @@ pub async fn run(cfg: Config, shutdown: impl std::future::Future<Output = ()>) -
             let alive = || {
                 let (server, admin, sink) = (&server, &admin, hub.sink.clone());
                 async move {
-                    let read = tokio::task::spawn_blocking(move || sink.marks("", &[]).is_ok());
-                    let sink_ok = matches!(tokio::time::timeout(every, read).await, Ok(Ok(true)));
+                    let sink_ok = matches!(tokio::time::timeout(every, sink.alive()).await, Ok(true));
                     sink_ok && !server.is_finished() && !admin.is_finished()
                 }
             };
@@ -148,6 +154,41 @@ pub async fn run(cfg: Config, shutdown: impl std::future::Future<Output = ()>) -
     })
     .await;
     Ok(())
+}
+
+/// Opens the sink the config names: the embedded one in `hub.data_dir`, or
+/// PostgreSQL (connects, applies migrations, creates day partitions).
+pub async fn open_sink(cfg: &Config) -> Result<sink::AnySink, StartError> {
+    match cfg.sink.kind.as_str() {
+        "postgres" => {
+            let password = match &cfg.sink.password_file {
+                Some(p) => Some(
+                    std::fs::read_to_string(p)
+                        .map_err(|e| {
+                            sink::SinkError::Io(format!("cannot read {} (key sink.password_file): {e}", p.display()))
+                        })?
+                        .trim_end_matches(['\n', '\r'])
+                        .to_owned(),
+                ),
+                None => None,
+            };
+            let opts = pg::PgOptions {
+                url: cfg.sink.url.clone().unwrap_or_default(),
+                password,
+                pool_size: cfg.sink.pool_size,
+                connect_timeout: Duration::from_millis(cfg.sink.connect_timeout_ms),
+            };
+            let pg = pg::PgSink::open(&opts).await.map_err(|e| StartError::SinkAt { at: "sink.url", error: e })?;
+            info!(database = pg.describe(), pool = cfg.sink.pool_size, "PostgreSQL sink ready.");
+            Ok(sink::AnySink::Postgres(Arc::new(pg)))
+        }
+        _ => {
+            let path = cfg.hub.data_dir.join("sink.redb");
+            let cache = cfg.sink.cache_bytes;
+            let s = tokio::task::spawn_blocking(move || sink::Sink::open(&path, cache)).await.expect("open task")?;
+            Ok(sink::AnySink::Embedded(Arc::new(s)))
+        }
+    }
 }
 
 /// Sends a state line to systemd when started with `Type=notify`.

@@ -35,8 +35,8 @@ enum Command {
     },
     /// Print stored records and gaps as JSON lines (payload in base64).
     ///
-    /// Reads the sink file directly when the hub is stopped, and asks the running hub's
-    /// admin endpoint otherwise.
+    /// Embedded sink: reads the sink file directly when the hub is stopped, and asks the
+    /// running hub's admin endpoint otherwise. PostgreSQL sink: reads the database.
     Export {
         /// Configuration file (TOML).
         #[arg(short, long, env = "VOITHER_HUB_CONFIG")]
@@ -99,6 +99,15 @@ enum Command {
         /// Print the JSON of `/fleet` instead of a table.
         #[arg(long)]
         json: bool,
+    },
+    /// Apply the PostgreSQL sink's schema migrations and exit (`[sink] kind = "postgres"`).
+    ///
+    /// Every hub start applies them too (under a lock, so replicas starting together
+    /// are safe); this is for operators who migrate before a rollout.
+    Migrate {
+        /// Configuration file (TOML).
+        #[arg(short, long, env = "VOITHER_HUB_CONFIG")]
+        config: PathBuf,
     },
     /// Check a configuration file and exit (0 if valid, 64 if not).
     CheckConfig {
@@ -216,6 +225,31 @@ fn main() -> ExitCode {
             telemetry.shutdown(std::time::Duration::from_secs(3));
             code
         }
+        Command::Migrate { config } => {
+            let cfg = match load(&config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            if cfg.sink.kind != "postgres" {
+                eprintln!(
+                    "voither-hub: {}: sink.kind is {:?}; migrate is for kind = \"postgres\" (the embedded sink needs none)",
+                    config.display(),
+                    cfg.sink.kind
+                );
+                return ExitCode::from(64);
+            }
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime");
+            rt.block_on(async {
+                match voither_hub::open_sink(&cfg).await {
+                    Ok(voither_hub::sink::AnySink::Postgres(pg)) => {
+                        println!("{}: schema version {}", pg.describe(), pg.migrate().await.unwrap_or_default());
+                        ExitCode::SUCCESS
+                    }
+                    Ok(_) => ExitCode::SUCCESS,
+                    Err(e) => report(&e),
+                }
+            })
+        }
         Command::CheckConfig { config } => match load(&config) {
             Ok(_) => {
                 println!("{}: ok", config.display());
@@ -264,6 +298,9 @@ fn main() -> ExitCode {
 }
 
 fn export(cfg: &Config, gateway: Option<String>, lane: Option<String>) -> ExitCode {
+    if cfg.sink.kind == "postgres" {
+        return export_postgres(cfg, gateway, lane);
+    }
     let path = cfg.hub.data_dir.join("sink.redb");
     if !path.exists() {
         eprintln!("voither-hub: no sink at {} (key hub.data_dir): has the hub run with this config?", path.display());
@@ -301,6 +338,36 @@ fn export(cfg: &Config, gateway: Option<String>, lane: Option<String>) -> ExitCo
         }
         Err(e) => report(&e),
     }
+}
+
+fn export_postgres(cfg: &Config, gateway: Option<String>, lane: Option<String>) -> ExitCode {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime");
+    rt.block_on(async {
+        let sink = match voither_hub::open_sink(cfg).await {
+            Ok(s) => s,
+            Err(e) => return report(&e),
+        };
+        let (tx, mut rx) = tokio::sync::mpsc::channel(4);
+        let export = tokio::spawn(async move { sink.export_ndjson(gateway, lane, tx).await });
+        let stdout = std::io::stdout();
+        let mut out = stdout.lock();
+        let mut failed = false;
+        while let Some(chunk) = rx.recv().await {
+            failed |= chunk.ends_with(b"\n")
+                && chunk.rsplit(|b| *b == b'\n').nth(1).is_some_and(|l| l.starts_with(b"{\"kind\":\"error\""));
+            if out.write_all(&chunk).is_err() {
+                break;
+            }
+        }
+        let _ = out.flush();
+        let _ = export.await;
+        if failed {
+            eprintln!("voither-hub: the export ended early (see its last line)");
+            ExitCode::from(1)
+        } else {
+            ExitCode::SUCCESS
+        }
+    })
 }
 
 /// A minimal HTTP/1.0 GET of the running hub's `/export` (loopback admin endpoint).

@@ -46,6 +46,11 @@ pub struct Metrics {
     pub tls_cert_expiry_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
     /// Reloads of the hub's certificate, key or CA after they changed.
     pub tls_reloads: Counter,
+    /// Sink calls that failed because the sink was unavailable and were retried while
+    /// the gateway's acks waited.
+    pub sink_retries: Counter,
+    /// 1 while the last sink call succeeded, 0 while the sink is unavailable.
+    pub sink_up: Gauge,
 }
 
 /// Label set `{reason}`.
@@ -88,7 +93,16 @@ impl Metrics {
             auth_refusals: Family::default(),
             tls_cert_expiry_seconds: Gauge::default(),
             tls_reloads: Counter::default(),
+            sink_retries: Counter::default(),
+            sink_up: Gauge::default(),
         };
+        m.sink_up.set(1);
+        registry.register(
+            "sink_retries",
+            "Sink calls retried because the sink was unavailable (acks held meanwhile)",
+            m.sink_retries.clone(),
+        );
+        registry.register("sink_up", "1 while the sink answers, 0 while it is unavailable", m.sink_up.clone());
         registry.register(
             "auth_refusals",
             "Gateways refused: revoked or not in the allow-list (at handshake or closed live)",

@@ -16,7 +16,7 @@ use voither_proto::{
 };
 
 use crate::metrics::Metrics;
-use crate::sink::Sink;
+use crate::sink::{AnySink, SinkError};
 
 /// What the fleet view knows of one gateway.
 #[derive(Debug, Clone, Default, serde::Serialize)]
@@ -57,7 +57,7 @@ pub struct FleetEntry {
 #[derive(Debug)]
 pub struct Hub {
     /// The sink.
-    pub sink: Arc<Sink>,
+    pub sink: AnySink,
     /// Identity and failover list.
     pub info: HubInfo,
     /// Metrics.
@@ -146,6 +146,42 @@ fn failpoint_after_commit(commits: &std::sync::atomic::AtomicU64) {
         tracing::error!(commit = n, "Failpoint exit-after-commit reached: exiting before the ack.");
         std::process::exit(86);
     }
+}
+
+const SINK_RETRY_MIN: Duration = Duration::from_millis(100);
+const SINK_RETRY_MAX: Duration = Duration::from_secs(2);
+
+/// Counts and logs an unavailable sink, then waits out the backoff (doubling to
+/// [`SINK_RETRY_MAX`]); ends the session if the gateway goes away or the hub stops.
+async fn sink_unavailable(
+    hub: &Hub,
+    gw: &str,
+    e: &SinkError,
+    backoff: &mut Duration,
+    conn: &quinn::Connection,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Result<(), ConnError> {
+    hub.metrics.sink_retries.inc();
+    hub.metrics.sink_up.set(0);
+    let now = hub.started.elapsed();
+    if let Some(suppressed) = hub.log_limit.lock().expect("limit lock").allow("sink-unavailable", now) {
+        warn!(gateway = %gw, error = %e, retry_in_ms = backoff.as_millis() as u64, suppressed, "Sink unavailable; holding acks and retrying.");
+    }
+    tokio::select! {
+        () = tokio::time::sleep(*backoff) => {}
+        e = conn.closed() => return Err(ConnError::Connection(e)),
+        _ = shutdown.changed() => return Err(ConnError::Shutdown),
+    }
+    *backoff = (*backoff * 2).min(SINK_RETRY_MAX);
+    Ok(())
+}
+
+fn sink_available(hub: &Hub, backoff: &mut Duration) {
+    if *backoff > SINK_RETRY_MIN {
+        info!("Sink available again.");
+    }
+    *backoff = SINK_RETRY_MIN;
+    hub.metrics.sink_up.set(1);
 }
 
 /// Accepts connections until `shutdown` turns true.
@@ -281,6 +317,7 @@ async fn session(
     let mut sent_manifest = 0u64;
     let mut ready = false;
     let mut auth_changed = hub.auth.subscribe();
+    let mut backoff = SINK_RETRY_MIN;
     let mut manifest_tick = tokio::time::interval(Duration::from_secs(2));
     manifest_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -330,10 +367,15 @@ async fn session(
             match ev {
                 HubEvent::Hello(h) => {
                     let lanes: Vec<String> = h.lanes.iter().map(|l| l.lane.clone()).collect();
-                    let sink = hub.sink.clone();
-                    let g = gw.to_owned();
-                    let marks =
-                        tokio::task::spawn_blocking(move || sink.marks(&g, &lanes)).await.expect("marks task")?;
+                    let marks = loop {
+                        match hub.sink.marks(gw, lanes.clone()).await {
+                            Err(e) if e.is_transient() => {
+                                sink_unavailable(hub, gw, &e, &mut backoff, conn, &mut shutdown).await?
+                            }
+                            r => break r?,
+                        }
+                    };
+                    sink_available(hub, &mut backoff);
                     if let Some(e) = hub.fleet.lock().expect("fleet lock").get_mut(gw) {
                         e.agent_version = h.agent_version.clone();
                     }
@@ -382,8 +424,6 @@ async fn session(
             pending.clear();
         }
         if !pending.is_empty() {
-            let sink = hub.sink.clone();
-            let g = gw.to_owned();
             let started = tokio::time::Instant::now();
             let span = tracing::info_span!(
                 "sink_commit",
@@ -391,13 +431,19 @@ async fn session(
                 batches = pending.len(),
                 records = pending.iter().map(|r| r.records.len()).sum::<usize>()
             );
-            let (reqs, stats) = tokio::task::spawn_blocking(move || {
-                let _entered = span.entered();
-                let r = sink.commit(&g, &pending);
-                (pending, r)
-            })
-            .await
-            .expect("commit task");
+            // An unavailable sink (a database restarting) is retried while the acks
+            // wait: the gateway keeps its records and its window, nothing is lost.
+            let (reqs, stats) = loop {
+                let (reqs, r) = tracing::Instrument::instrument(hub.sink.commit(gw, pending), span.clone()).await;
+                match r {
+                    Err(e) if e.is_transient() => {
+                        pending = reqs;
+                        sink_unavailable(hub, gw, &e, &mut backoff, conn, &mut shutdown).await?;
+                    }
+                    r => break (reqs, r),
+                }
+            };
+            sink_available(hub, &mut backoff);
             let stats = stats?;
             hub.metrics.commit_seconds.observe(started.elapsed().as_secs_f64());
             hub.metrics.stored_records.inc_by(stats.records);

@@ -44,6 +44,10 @@ pub enum SinkError {
     /// A transaction failed.
     #[error("sink transaction failed: {0}")]
     Io(String),
+    /// The sink cannot be reached for now (a database restarting, a broken
+    /// connection): worth a retry; nothing was committed.
+    #[error("sink unavailable: {0}")]
+    Unavailable(String),
     /// A stored row could not be decoded.
     #[error("corrupt record {gateway}/{lane}/{seq}: {message}")]
     Corrupt {
@@ -68,6 +72,131 @@ macro_rules! io_err {
     )*};
 }
 io_err!(redb::TransactionError, redb::TableError, redb::StorageError, redb::CommitError, redb::SetDurabilityError);
+
+impl SinkError {
+    /// Whether a retry may succeed (the hub holds acks and retries these).
+    pub fn is_transient(&self) -> bool {
+        matches!(self, SinkError::Unavailable(_))
+    }
+}
+
+/// Size of one chunk of an NDJSON export.
+pub const EXPORT_CHUNK: usize = 60 * 1024;
+
+/// Appends `row` as one JSON line.
+pub fn ndjson_line(chunk: &mut Vec<u8>, row: &ExportRow) {
+    serde_json::to_writer(&mut *chunk, row).expect("serialising to a Vec");
+    chunk.push(b'\n');
+}
+
+/// Appends the line that ends an export cut short by `e`.
+pub fn error_line(chunk: &mut Vec<u8>, e: &SinkError) {
+    chunk.extend_from_slice(format!("{{\"kind\":\"error\",\"message\":{:?}}}\n", e.to_string()).as_bytes());
+}
+
+/// The hub's sink: the embedded one (a redb file in `hub.data_dir`) or PostgreSQL
+/// (`[sink] kind = "postgres"`). Cheap to clone.
+#[derive(Debug, Clone)]
+pub enum AnySink {
+    /// [`Sink`]: blocking calls, run on tokio's blocking threads.
+    Embedded(std::sync::Arc<Sink>),
+    /// [`crate::pg::PgSink`].
+    Postgres(std::sync::Arc<crate::pg::PgSink>),
+}
+
+impl AnySink {
+    /// The marks of `lanes` of `gateway` (0 for lanes never seen).
+    pub async fn marks(&self, gateway: &str, lanes: Vec<String>) -> Result<Vec<(String, u64)>, SinkError> {
+        match self {
+            AnySink::Embedded(s) => {
+                let (s, g) = (s.clone(), gateway.to_owned());
+                tokio::task::spawn_blocking(move || s.marks(&g, &lanes)).await.expect("marks task")
+            }
+            AnySink::Postgres(p) => p.marks(gateway, &lanes).await,
+        }
+    }
+
+    /// Commits the requests of `gateway`; hands the requests back with the outcome.
+    pub async fn commit(
+        &self,
+        gateway: &str,
+        reqs: Vec<StoreRequest>,
+    ) -> (Vec<StoreRequest>, Result<CommitStats, SinkError>) {
+        match self {
+            AnySink::Embedded(s) => {
+                let (s, g) = (s.clone(), gateway.to_owned());
+                let span = tracing::Span::current();
+                tokio::task::spawn_blocking(move || {
+                    let _entered = span.entered();
+                    let r = s.commit(&g, &reqs);
+                    (reqs, r)
+                })
+                .await
+                .expect("commit task")
+            }
+            AnySink::Postgres(p) => {
+                let r = p.commit(gateway, &reqs).await;
+                (reqs, r)
+            }
+        }
+    }
+
+    /// Streams the export as NDJSON chunks of about [`EXPORT_CHUNK`] bytes into `tx`;
+    /// an error ends the stream with a `{"kind":"error"}` line.
+    pub async fn export_ndjson(
+        &self,
+        gateway: Option<String>,
+        lane: Option<String>,
+        tx: tokio::sync::mpsc::Sender<Vec<u8>>,
+    ) {
+        match self {
+            AnySink::Embedded(s) => {
+                let s = s.clone();
+                let _ = tokio::task::spawn_blocking(move || {
+                    let mut chunk = Vec::with_capacity(EXPORT_CHUNK + 4096);
+                    let res = s.export(gateway.as_deref(), lane.as_deref(), |row| {
+                        ndjson_line(&mut chunk, &row);
+                        if chunk.len() >= EXPORT_CHUNK {
+                            let full = std::mem::replace(&mut chunk, Vec::with_capacity(EXPORT_CHUNK + 4096));
+                            return tx.blocking_send(full).is_ok();
+                        }
+                        true
+                    });
+                    if let Err(e) = res {
+                        error_line(&mut chunk, &e);
+                    }
+                    let _ = tx.blocking_send(chunk);
+                })
+                .await;
+            }
+            AnySink::Postgres(p) => p.export_ndjson(gateway.as_deref(), lane.as_deref(), tx).await,
+        }
+    }
+
+    /// Number of stored records.
+    pub async fn count(&self) -> Result<u64, SinkError> {
+        match self {
+            AnySink::Embedded(s) => {
+                let s = s.clone();
+                tokio::task::spawn_blocking(move || s.count()).await.expect("count task")
+            }
+            AnySink::Postgres(p) => p.count().await,
+        }
+    }
+
+    /// Liveness for the watchdog: the embedded sink answers a read. A database that is
+    /// down does not make the hub dead (a restart would not bring it back), so the
+    /// PostgreSQL sink is always alive here; its outages show in the commit retries.
+    pub async fn alive(&self) -> bool {
+        match self {
+            AnySink::Embedded(s) => {
+                let s = s.clone();
+                tokio::task::spawn_blocking(move || s.marks("", &[]).is_ok()).await.unwrap_or(false)
+            }
+            AnySink::Postgres(_) => true,
+        }
+    }
+}
 
 /// What one commit did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

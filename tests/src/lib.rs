@@ -7,6 +7,7 @@
 #![warn(missing_docs)]
 
 pub mod check;
+pub mod pg;
 pub mod procs;
 pub mod proxy;
 pub mod raw;

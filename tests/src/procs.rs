@@ -45,7 +45,8 @@ pub fn free_udp_port() -> u16 {
     UdpSocket::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
 }
 
-fn tail(path: &Path, n: usize) -> String {
+/// The last `n` lines of a log file.
+pub fn tail(path: &Path, n: usize) -> String {
     let s = std::fs::read_to_string(path).unwrap_or_default();
     let lines: Vec<&str> = s.lines().collect();
     lines[lines.len().saturating_sub(n)..].join("\n")
@@ -254,6 +255,12 @@ impl Hub {
 
     /// Like [`Hub::start`]; the hub hands `endpoints` to gateways in `Welcome`.
     pub fn start_advertising(dir: &Path, pki: &Pki, id: &str, endpoints: &[SocketAddr]) -> Hub {
+        Self::start_full(dir, pki, id, endpoints, "")
+    }
+
+    /// Like [`Hub::start_advertising`]; `extra` TOML (whole sections, e.g. a `[sink]`)
+    /// is appended to the config.
+    pub fn start_full(dir: &Path, pki: &Pki, id: &str, endpoints: &[SocketAddr], extra: &str) -> Hub {
         std::fs::create_dir_all(dir).expect("hub dir");
         let addr: SocketAddr = format!("127.0.0.1:{}", free_udp_port()).parse().expect("addr");
         let admin: SocketAddr = format!("127.0.0.1:{}", free_tcp_port()).parse().expect("addr");
@@ -262,7 +269,7 @@ impl Hub {
             &config,
             format!(
                 "[hub]\nid = \"{id}\"\nregion = \"test\"\nlisten = \"{addr}\"\ndata_dir = \"{}\"\nidle_timeout_ms = 3000\nendpoints = [{eps}]\n\n\
-                 [tls]\nca = \"{p}/ca.pem\"\ncert = \"{p}/hub.pem\"\nkey = \"{p}/hub.key\"\n\n[admin]\nlisten = \"{admin}\"\n",
+                 [tls]\nca = \"{p}/ca.pem\"\ncert = \"{p}/hub.pem\"\nkey = \"{p}/hub.key\"\n\n[admin]\nlisten = \"{admin}\"\n\n{extra}",
                 dir.join("data").display(),
                 p = pki.dir.display(),
                 eps = endpoints.iter().map(|e| format!("\"{e}\"")).collect::<Vec<_>>().join(", ")
