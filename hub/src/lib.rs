@@ -124,6 +124,23 @@ pub async fn run(cfg: Config, shutdown: impl std::future::Future<Output = ()>) -
         })
     };
     let reload = tokio::spawn(reload_files(hub.clone(), endpoint.clone(), cfg.clone(), stop_rx.clone()));
+    // Day partitions of the PostgreSQL sink: the next days' exist before their rows.
+    let partitions = match &hub.sink {
+        sink::AnySink::Postgres(pg) => {
+            let pg = pg.clone();
+            Some(tokio::spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_secs(3600));
+                tick.tick().await;
+                loop {
+                    tick.tick().await;
+                    if let Err(e) = pg.ensure_partitions().await {
+                        warn!(error = %e, "Cannot create the next day partitions of the sink; retrying in an hour.");
+                    }
+                }
+            }))
+        }
+        sink::AnySink::Embedded(_) => None,
+    };
     let server = tokio::spawn(server::serve(hub.clone(), endpoint.clone(), stop_rx));
     info!(listen = %cfg.hub.listen, admin = %cfg.admin.listen, hub = %cfg.hub.id, region = %cfg.hub.region, "Hub running.");
     notify_systemd("READY=1");
@@ -147,6 +164,9 @@ pub async fn run(cfg: Config, shutdown: impl std::future::Future<Output = ()>) -
     info!("Shutting down.");
     let _ = stop_tx.send(true);
     reload.abort();
+    if let Some(p) = partitions {
+        p.abort();
+    }
     let _ = tokio::time::timeout(Duration::from_secs(5), async {
         let _ = server.await;
         let _ = admin.await;

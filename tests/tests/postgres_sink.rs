@@ -81,6 +81,16 @@ fn two_replicas_exactly_once_while_the_gateway_switches_between_them() {
     let marks = pg.sql("SELECT string_agg(lane || '=' || mark, ',' ORDER BY lane) FROM voither_marks");
     let max_seq = pg.sql("SELECT string_agg(lane || '=' || m, ',' ORDER BY lane) FROM (SELECT lane, max(seq) AS m FROM voither_records GROUP BY lane) x");
     assert_eq!(marks, max_seq, "each lane's mark is its highest stored seq");
+    // The schema: migration 1 applied once (two replicas started against it), records
+    // in day partitions, none in the default one, the next days' made ahead.
+    assert_eq!(pg.sql("SELECT string_agg(version::text, ',') FROM voither_schema_migrations"), "1");
+    assert_eq!(pg.sql("SELECT count(*) FROM voither_records_default"), "0");
+    let in_days =
+        pg.sql("SELECT count(*) FROM voither_records WHERE tableoid::regclass::text ~ '^voither_records_[0-9]{8}$'");
+    assert_eq!(in_days, in_db.to_string(), "every record in a day partition");
+    let parts: u64 =
+        pg.sql("SELECT count(*) FROM pg_inherits WHERE inhparent = 'voither_records'::regclass").parse().unwrap();
+    assert!(parts >= 5, "default + today + 3 days ahead, got {parts}");
     println!("two replicas: {} records in PostgreSQL, {}", in_db, rep.summary());
 }
 
@@ -227,4 +237,35 @@ fn a_hub_whose_database_cannot_be_reached_says_so_and_exits() {
         "names the key, the server and the cause: {err}"
     );
     assert!(!err.contains("s3cret"), "never prints the password: {err}");
+}
+
+#[test]
+fn migrate_applies_the_schema_once_and_names_a_wrong_sink_kind() {
+    let pg = Postgres::start();
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::generate(&dir.path().join("pki"), &["gw-1"]);
+    let tls =
+        format!("[tls]\nca = \"{p}/ca.pem\"\ncert = \"{p}/hub.pem\"\nkey = \"{p}/hub.key\"\n", p = pki.dir.display());
+    let config = dir.path().join("hub.toml");
+    std::fs::write(&config, format!("{tls}\n{}", pg.sink_toml())).unwrap();
+    let migrate = |config: &std::path::Path| {
+        voither_tests::procs::output_within(
+            std::process::Command::new(voither_tests::procs::bin("voither-hub"))
+                .arg("migrate")
+                .arg("--config")
+                .arg(config),
+            Duration::from_secs(60),
+        )
+    };
+    for _ in 0..2 {
+        let out = migrate(&config);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(String::from_utf8_lossy(&out.stdout).contains("schema version 1"));
+    }
+    assert_eq!(pg.sql("SELECT count(*) FROM voither_schema_migrations"), "1");
+    let embedded = dir.path().join("embedded.toml");
+    std::fs::write(&embedded, &tls).unwrap();
+    let out = migrate(&embedded);
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("sink.kind"), "{}", String::from_utf8_lossy(&out.stderr));
 }
