@@ -78,6 +78,14 @@ pub async fn run(
             }
             unsent_acks.pop_front();
         }
+        // PUBACKs can fall far behind commits: rumqttc's event loop sends one request
+        // per poll and hands out up to ten incoming packets first, and a broker without
+        // an in-flight limit keeps sending. A deque never gives its capacity back, and
+        // at hundreds of thousands of entries that capacity is tens of MiB held for
+        // good; return it once the acks have caught up.
+        if unsent_acks.is_empty() && unsent_acks.capacity() > cap {
+            unsent_acks.shrink_to(cap);
+        }
         while let Some(p) = overflow.pop_front() {
             match tx.try_send(p) {
                 Ok(()) => {}
