@@ -146,6 +146,12 @@ pub struct HubSection {
     /// a region that must shed load; a gateway's own lower limit still applies.
     #[serde(default)]
     pub gateway_rate_limit_bytes_per_s: u64,
+    /// QUIC flow-control window of a gateway's stream, bytes: how much a gateway may
+    /// have sent that this hub has not read yet. It caps a gateway's throughput at
+    /// window ÷ round trip, and this hub's buffer memory at connections × window (the
+    /// connection window is twice it).
+    #[serde(default = "default_stream_window")]
+    pub stream_receive_window_bytes: u64,
 }
 
 impl Default for HubSection {
@@ -159,8 +165,15 @@ impl Default for HubSection {
             max_connections: default_max_conns(),
             idle_timeout_ms: default_idle(),
             gateway_rate_limit_bytes_per_s: 0,
+            stream_receive_window_bytes: default_stream_window(),
         }
     }
+}
+
+/// Above the uplink's default in-flight window (8 batches of 1,024 records, about
+/// 2.5 MB), so that window, not QUIC flow control, paces a gateway on a long link.
+const fn default_stream_window() -> u64 {
+    4 * 1024 * 1024
 }
 
 fn default_id() -> String {
@@ -358,6 +371,9 @@ impl Config {
                 ));
             }
         }
+        if !(64 * 1024..=256 * 1024 * 1024).contains(&cfg.hub.stream_receive_window_bytes) {
+            return Err(bad("hub.stream_receive_window_bytes", "must be 65536 (64 KiB) to 268435456 (256 MiB)".into()));
+        }
         if cfg.hub.idle_timeout_ms < 500 {
             return Err(bad("hub.idle_timeout_ms", "must be at least 500".into()));
         }
@@ -394,6 +410,10 @@ mod tests {
         let e =
             Config::parse(&format!("{base}[hub]\nlisten = \"nope\"\n"), Path::new("h.toml")).unwrap_err().to_string();
         assert!(e.contains("listen"), "{e}");
+        let e = Config::parse(&format!("[hub]\nstream_receive_window_bytes = 1000\n{base}"), Path::new("h.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("hub.stream_receive_window_bytes"), "{e}");
         let e = Config::parse("[hub]\nid = \"x\"\n", Path::new("h.toml")).unwrap_err().to_string();
         assert!(e.contains("tls"), "{e}");
     }

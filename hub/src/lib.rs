@@ -73,8 +73,13 @@ pub enum StartError {
 pub async fn run(cfg: Config, shutdown: impl std::future::Future<Output = ()>) -> Result<(), StartError> {
     let dir = &cfg.hub.data_dir;
     std::fs::create_dir_all(dir).map_err(|source| StartError::DataDir { path: dir.clone(), source })?;
-    let server_cfg =
-        tls::server_config(&cfg.tls.ca, &cfg.tls.cert, &cfg.tls.key, Duration::from_millis(cfg.hub.idle_timeout_ms))?;
+    let server_cfg = tls::server_config(
+        &cfg.tls.ca,
+        &cfg.tls.cert,
+        &cfg.tls.key,
+        Duration::from_millis(cfg.hub.idle_timeout_ms),
+        cfg.hub.stream_receive_window_bytes,
+    )?;
     let sink = open_sink(&cfg).await?;
     let hub = Arc::new(server::Hub {
         sink,
@@ -253,6 +258,7 @@ async fn reload_files(hub: Arc<server::Hub>, endpoint: quinn::Endpoint, cfg: Con
             &cfg.tls.cert,
             &cfg.tls.key,
             Duration::from_millis(cfg.hub.idle_timeout_ms),
+            cfg.hub.stream_receive_window_bytes,
         ) {
             Ok(sc) => {
                 endpoint.set_server_config(Some(sc));

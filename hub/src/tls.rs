@@ -73,12 +73,14 @@ pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
 }
 
 /// QUIC server configuration: TLS 1.3 only, client certificates required and verified
-/// against `ca`, ALPN `voither-sync/1`.
+/// against `ca`, ALPN `voither-sync/1`; `stream_window` is the flow-control window of a
+/// stream (the connection's is twice it).
 pub fn server_config(
     ca: &Path,
     cert: &Path,
     key: &Path,
     idle_timeout: Duration,
+    stream_window: u64,
 ) -> Result<quinn::ServerConfig, TlsError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut roots = rustls::RootCertStore::empty();
@@ -101,6 +103,9 @@ pub fn server_config(
     transport.keep_alive_interval(Some(idle_timeout / 3));
     transport.max_concurrent_bidi_streams(4u32.into());
     transport.max_concurrent_uni_streams(0u32.into());
+    let window = quinn::VarInt::from_u64(stream_window).unwrap_or(quinn::VarInt::MAX);
+    transport.stream_receive_window(window);
+    transport.receive_window(quinn::VarInt::from_u64(stream_window.saturating_mul(2)).unwrap_or(quinn::VarInt::MAX));
     cfg.transport_config(Arc::new(transport));
     Ok(cfg)
 }
