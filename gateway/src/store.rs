@@ -22,7 +22,11 @@
 //! 2. **Seqs are never reused.** `next_seq` of a lane is stored in the same transaction
 //!    as the records it numbered, and only grows, also when records are deleted.
 //! 3. **Delete only on hub ack.** Records leave only through [`Store::ack_through`],
-//!    which the uplink calls when a hub acknowledged them durable.
+//!    which the uplink calls when a hub acknowledged them durable. Those deletes are
+//!    not fsynced one by one: every [`ACKS_PER_DURABLE_COMMIT`]-th ack, an ack that
+//!    empties its lane, and every append make them durable. A crash can therefore
+//!    bring back records the hub already has; the uplink resends them and the hub
+//!    skips them by its high-water mark. It never loses one.
 //! 4. **Counters match contents.** `records` and `bytes` of a lane change in the same
 //!    transaction as the rows they count.
 //! 5. **Redelivery is recognised.** Each append also records, per MQTT packet id, a
@@ -47,6 +51,9 @@ use std::sync::{Mutex, RwLock};
 
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use voither_proto::{Gap, GapReason, Record};
+
+/// Acks whose deletes may wait for a later fsync (see invariant 3).
+pub const ACKS_PER_DURABLE_COMMIT: u64 = 32;
 
 const LANES: TableDefinition<'_, &str, (u64, u64, u64)> = TableDefinition::new("lanes");
 const MQTT_INFLIGHT: TableDefinition<'_, u16, u64> = TableDefinition::new("mqtt_inflight");
@@ -257,6 +264,8 @@ pub struct Store {
     specs: HashMap<String, LaneSpec>,
     max_total_bytes: u64,
     meta: Mutex<HashMap<String, LaneMeta>>,
+    /// Acks committed without fsync since the last durable commit.
+    lazy_acks: std::sync::atomic::AtomicU64,
 }
 
 /// FNV-1a over topic and payload: the identity of an MQTT message for redelivery checks.
@@ -312,6 +321,7 @@ impl Store {
             specs: lanes.iter().map(|l| (l.name.clone(), l.clone())).collect(),
             max_total_bytes,
             meta: Mutex::new(meta),
+            lazy_acks: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
@@ -685,7 +695,6 @@ impl Store {
         let mut removed = 0u64;
         let mut removed_bytes = 0u64;
         let mut txn = db.begin_write()?;
-        txn.set_durability(Durability::Immediate)?;
         {
             let mut t = txn.open_table(self.table(lane)?)?;
             for row in t.extract_from_if(..=seq, |_, _| true)? {
@@ -707,7 +716,16 @@ impl Store {
             let mut lanes = txn.open_table(LANES)?;
             lanes.insert(lane, (m.next_seq, m.records - removed, m.bytes - removed_bytes))?;
         }
+        // The hub has these records durably; losing the delete costs a resend, not a
+        // record. Fsync now and then, and when the lane is empty (end of a drain).
+        use std::sync::atomic::Ordering;
+        let lazy = self.lazy_acks.fetch_add(1, Ordering::Relaxed) + 1;
+        let durable = lazy >= ACKS_PER_DURABLE_COMMIT || m.records == removed;
+        txn.set_durability(if durable { Durability::Immediate } else { Durability::None })?;
         txn.commit()?;
+        if durable {
+            self.lazy_acks.store(0, Ordering::Relaxed);
+        }
         let mm = meta.get_mut(lane).expect("lane checked above");
         mm.records -= removed;
         mm.bytes -= removed_bytes;
