@@ -144,7 +144,7 @@ pub async fn run(cfg: Config, shutdown: impl std::future::Future<Output = ()>) -
                 }
             }))
         }
-        sink::AnySink::Embedded(_) => None,
+        sink::AnySink::Embedded(..) => None,
     };
     let server = tokio::spawn(server::serve(hub.clone(), endpoint.clone(), stop_rx));
     info!(listen = %cfg.hub.listen, admin = %cfg.admin.listen, hub = %cfg.hub.id, region = %cfg.hub.region, "Hub running.");
@@ -211,7 +211,8 @@ pub async fn open_sink(cfg: &Config) -> Result<sink::AnySink, StartError> {
             let path = cfg.hub.data_dir.join("sink.redb");
             let cache = cfg.sink.cache_bytes;
             let s = tokio::task::spawn_blocking(move || sink::Sink::open(&path, cache)).await.expect("open task")?;
-            Ok(sink::AnySink::Embedded(Arc::new(s)))
+            let s = Arc::new(s);
+            Ok(sink::AnySink::Embedded(s.clone(), sink::GroupCommitter::start(s)))
         }
     }
 }

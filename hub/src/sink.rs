@@ -80,6 +80,89 @@ impl SinkError {
     }
 }
 
+/// Most session commits folded into one transaction.
+pub const MAX_GROUP: usize = 1024;
+
+type CommitReply = (Vec<StoreRequest>, Result<CommitStats, SinkError>);
+
+#[derive(Debug)]
+struct CommitJob {
+    gateway: String,
+    reqs: Vec<StoreRequest>,
+    span: tracing::Span,
+    reply: tokio::sync::oneshot::Sender<CommitReply>,
+}
+
+/// One thread that commits for every session of the embedded sink: what sessions ask
+/// for while a commit runs goes into the next one, one transaction and one fsync for
+/// all of them. redb has one writer at a time, so per-session transactions would queue
+/// anyway, each paying its own fsync (a few hundred a second on a plain disk).
+#[derive(Debug, Clone)]
+pub struct GroupCommitter {
+    tx: std::sync::mpsc::Sender<CommitJob>,
+    thread: std::sync::Arc<std::thread::JoinHandle<()>>,
+}
+
+impl GroupCommitter {
+    /// Starts the commit thread for `sink`; it ends when the last clone is dropped.
+    pub fn start(sink: std::sync::Arc<Sink>) -> Self {
+        let (tx, rx) = std::sync::mpsc::channel::<CommitJob>();
+        let thread = std::thread::Builder::new()
+            .name("sink-commit".into())
+            .spawn(move || {
+                while let Ok(first) = rx.recv() {
+                    let mut jobs = vec![first];
+                    while jobs.len() < MAX_GROUP {
+                        match rx.try_recv() {
+                            Ok(j) => jobs.push(j),
+                            Err(_) => break,
+                        }
+                    }
+                    let items: Vec<(&str, &[StoreRequest])> =
+                        jobs.iter().map(|j| (j.gateway.as_str(), j.reqs.as_slice())).collect();
+                    let res = {
+                        let _entered = jobs[0].span.clone().entered();
+                        sink.commit_group(&items)
+                    };
+                    drop(items);
+                    match res {
+                        Ok(stats) => {
+                            for (j, st) in jobs.into_iter().zip(stats) {
+                                let _ = j.reply.send((j.reqs, Ok(st)));
+                            }
+                        }
+                        Err(e) => {
+                            let msg = e.to_string();
+                            for j in jobs {
+                                let _ = j.reply.send((j.reqs, Err(SinkError::Io(msg.clone()))));
+                            }
+                        }
+                    }
+                }
+            })
+            .expect("spawn the sink commit thread");
+        GroupCommitter { tx, thread: std::sync::Arc::new(thread) }
+    }
+
+    /// Commits `reqs` of `gateway` in the next group; hands the requests back.
+    pub async fn commit(&self, gateway: &str, reqs: Vec<StoreRequest>) -> CommitReply {
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        let job = CommitJob { gateway: gateway.to_owned(), reqs, span: tracing::Span::current(), reply };
+        if let Err(std::sync::mpsc::SendError(job)) = self.tx.send(job) {
+            return (job.reqs, Err(SinkError::Io("the sink commit thread has stopped".into())));
+        }
+        match rx.await {
+            Ok(r) => r,
+            Err(_) => (Vec::new(), Err(SinkError::Io("the sink commit thread has stopped".into()))),
+        }
+    }
+
+    /// The commit thread still runs.
+    pub fn alive(&self) -> bool {
+        !self.thread.is_finished()
+    }
+}
+
 /// Size of one chunk of an NDJSON export.
 pub const EXPORT_CHUNK: usize = 60 * 1024;
 
@@ -98,8 +181,9 @@ pub fn error_line(chunk: &mut Vec<u8>, e: &SinkError) {
 /// (`[sink] kind = "postgres"`). Cheap to clone.
 #[derive(Debug, Clone)]
 pub enum AnySink {
-    /// [`Sink`]: blocking calls, run on tokio's blocking threads.
-    Embedded(std::sync::Arc<Sink>),
+    /// [`Sink`]: reads on tokio's blocking threads, commits through its
+    /// [`GroupCommitter`].
+    Embedded(std::sync::Arc<Sink>, GroupCommitter),
     /// [`crate::pg::PgSink`].
     Postgres(std::sync::Arc<crate::pg::PgSink>),
 }
@@ -108,7 +192,7 @@ impl AnySink {
     /// The marks of `lanes` of `gateway` (0 for lanes never seen).
     pub async fn marks(&self, gateway: &str, lanes: Vec<String>) -> Result<Vec<(String, u64)>, SinkError> {
         match self {
-            AnySink::Embedded(s) => {
+            AnySink::Embedded(s, _) => {
                 let (s, g) = (s.clone(), gateway.to_owned());
                 tokio::task::spawn_blocking(move || s.marks(&g, &lanes)).await.expect("marks task")
             }
@@ -123,17 +207,7 @@ impl AnySink {
         reqs: Vec<StoreRequest>,
     ) -> (Vec<StoreRequest>, Result<CommitStats, SinkError>) {
         match self {
-            AnySink::Embedded(s) => {
-                let (s, g) = (s.clone(), gateway.to_owned());
-                let span = tracing::Span::current();
-                tokio::task::spawn_blocking(move || {
-                    let _entered = span.entered();
-                    let r = s.commit(&g, &reqs);
-                    (reqs, r)
-                })
-                .await
-                .expect("commit task")
-            }
+            AnySink::Embedded(_, c) => c.commit(gateway, reqs).await,
             AnySink::Postgres(p) => {
                 let r = p.commit(gateway, &reqs).await;
                 (reqs, r)
@@ -150,7 +224,7 @@ impl AnySink {
         tx: tokio::sync::mpsc::Sender<Vec<u8>>,
     ) {
         match self {
-            AnySink::Embedded(s) => {
+            AnySink::Embedded(s, _) => {
                 let s = s.clone();
                 let _ = tokio::task::spawn_blocking(move || {
                     let mut chunk = Vec::with_capacity(EXPORT_CHUNK + 4096);
@@ -176,7 +250,7 @@ impl AnySink {
     /// Number of stored records.
     pub async fn count(&self) -> Result<u64, SinkError> {
         match self {
-            AnySink::Embedded(s) => {
+            AnySink::Embedded(s, _) => {
                 let s = s.clone();
                 tokio::task::spawn_blocking(move || s.count()).await.expect("count task")
             }
@@ -189,9 +263,9 @@ impl AnySink {
     /// PostgreSQL sink is always alive here; its outages show in the commit retries.
     pub async fn alive(&self) -> bool {
         match self {
-            AnySink::Embedded(s) => {
+            AnySink::Embedded(s, c) => {
                 let s = s.clone();
-                tokio::task::spawn_blocking(move || s.marks("", &[]).is_ok()).await.unwrap_or(false)
+                c.alive() && tokio::task::spawn_blocking(move || s.marks("", &[]).is_ok()).await.unwrap_or(false)
             }
             AnySink::Postgres(_) => true,
         }
@@ -399,7 +473,15 @@ impl Sink {
 
     /// Commits the requests of `gateway` in one durable transaction.
     pub fn commit(&self, gateway: &str, reqs: &[StoreRequest]) -> Result<CommitStats, SinkError> {
-        let mut stats = CommitStats::default();
+        Ok(self.commit_group(&[(gateway, reqs)])?.pop().expect("one stats per item"))
+    }
+
+    /// Commits the requests of several gateways (or sessions) in one durable
+    /// transaction: one fsync for all of them. Items are applied in order, each against
+    /// the marks the items before it left, so two sessions of one gateway in the same
+    /// group never store a record twice. Returns one [`CommitStats`] per item.
+    pub fn commit_group(&self, items: &[(&str, &[StoreRequest])]) -> Result<Vec<CommitStats>, SinkError> {
+        let mut out = Vec::with_capacity(items.len());
         let mut txn = self.db.begin_write()?;
         txn.set_durability(Durability::Immediate)?;
         {
@@ -407,36 +489,41 @@ impl Sink {
             let mut gaps = txn.open_table(GAPS)?;
             let mut marks = txn.open_table(MARKS)?;
             let mut buf = Vec::new();
-            for req in reqs {
-                let lane = req.lane.as_str();
-                let mark = marks.get((gateway, lane))?.map_or(0, |v| v.value());
-                for r in &req.records {
-                    if r.seq <= mark {
-                        stats.duplicates += 1;
-                        continue;
+            for (gateway, reqs) in items {
+                let gateway = *gateway;
+                let mut stats = CommitStats::default();
+                for req in *reqs {
+                    let lane = req.lane.as_str();
+                    let mark = marks.get((gateway, lane))?.map_or(0, |v| v.value());
+                    for r in &req.records {
+                        if r.seq <= mark {
+                            stats.duplicates += 1;
+                            continue;
+                        }
+                        buf.clear();
+                        minicbor::encode(r, &mut buf).expect("encoding into a Vec is infallible");
+                        records.insert((gateway, lane, r.seq), buf.as_slice())?;
+                        stats.records += 1;
+                        stats.bytes += r.payload.len() as u64;
                     }
-                    buf.clear();
-                    minicbor::encode(r, &mut buf).expect("encoding into a Vec is infallible");
-                    records.insert((gateway, lane, r.seq), buf.as_slice())?;
-                    stats.records += 1;
-                    stats.bytes += r.payload.len() as u64;
-                }
-                for g in &req.gaps {
-                    if g.through_seq <= mark {
-                        continue;
+                    for g in &req.gaps {
+                        if g.through_seq <= mark {
+                            continue;
+                        }
+                        let from = g.from_seq.max(mark + 1);
+                        gaps.insert((gateway, lane, from), (g.through_seq, reason_code(g.reason)))?;
+                        stats.gaps += 1;
+                        stats.gap_records += g.through_seq - from + 1;
                     }
-                    let from = g.from_seq.max(mark + 1);
-                    gaps.insert((gateway, lane, from), (g.through_seq, reason_code(g.reason)))?;
-                    stats.gaps += 1;
-                    stats.gap_records += g.through_seq - from + 1;
+                    if req.through_seq > mark {
+                        marks.insert((gateway, lane), req.through_seq)?;
+                    }
                 }
-                if req.through_seq > mark {
-                    marks.insert((gateway, lane), req.through_seq)?;
-                }
+                out.push(stats);
             }
         }
         txn.commit()?;
-        Ok(stats)
+        Ok(out)
     }
 
     /// Calls `f` for every stored record (ordered by gateway, lane and seq), then every
@@ -513,6 +600,49 @@ mod tests {
 
     fn rec(seq: u64) -> Record {
         Record { seq, ingest_ts_ms: 5, source: "s".into(), content_type: None, payload: vec![seq as u8; 4].into() }
+    }
+
+    #[test]
+    fn a_group_commit_applies_items_in_order_against_the_marks_before_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Sink::open(&dir.path().join("sink.redb"), 1 << 20).unwrap();
+        let first = [StoreRequest { lane: "a".into(), records: vec![rec(1), rec(2)], gaps: vec![], through_seq: 2 }];
+        // A second session of the same gateway resending 2 with 3, in the same group.
+        let second = [StoreRequest { lane: "a".into(), records: vec![rec(2), rec(3)], gaps: vec![], through_seq: 3 }];
+        let other = [StoreRequest { lane: "a".into(), records: vec![rec(1)], gaps: vec![], through_seq: 1 }];
+        let stats = s.commit_group(&[("gw", &first), ("gw", &second), ("gw-2", &other)]).unwrap();
+        let got: Vec<(u64, u64)> = stats.iter().map(|st| (st.records, st.duplicates)).collect();
+        assert_eq!(got, vec![(2, 0), (1, 1), (1, 0)]);
+        assert_eq!(s.count().unwrap(), 4);
+        assert_eq!(s.marks("gw", &["a".into()]).unwrap(), vec![("a".into(), 3)]);
+    }
+
+    #[tokio::test]
+    async fn the_group_committer_commits_concurrent_sessions() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = std::sync::Arc::new(Sink::open(&dir.path().join("sink.redb"), 1 << 20).unwrap());
+        let c = GroupCommitter::start(s.clone());
+        let tasks: Vec<_> = (0..50u64)
+            .map(|g| {
+                let c = c.clone();
+                tokio::spawn(async move {
+                    let reqs = vec![StoreRequest {
+                        lane: "a".into(),
+                        records: (1..=10).map(rec).collect(),
+                        gaps: vec![],
+                        through_seq: 10,
+                    }];
+                    c.commit(&format!("gw-{g}"), reqs).await
+                })
+            })
+            .collect();
+        for t in tasks {
+            let (reqs, stats) = t.await.unwrap();
+            assert_eq!(reqs.len(), 1, "requests come back for the acks");
+            assert_eq!(stats.unwrap().records, 10);
+        }
+        assert_eq!(s.count().unwrap(), 500);
+        assert!(c.alive());
     }
 
     #[test]
