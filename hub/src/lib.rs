@@ -131,7 +131,7 @@ pub async fn run(cfg: Config, shutdown: impl std::future::Future<Output = ()>) -
     let reload = tokio::spawn(reload_files(hub.clone(), endpoint.clone(), cfg.clone(), stop_rx.clone()));
     // Day partitions of the PostgreSQL sink: the next days' exist before their rows.
     let partitions = match &hub.sink {
-        sink::AnySink::Postgres(pg) => {
+        sink::AnySink::Postgres(pg, _) => {
             let pg = pg.clone();
             Some(tokio::spawn(async move {
                 let mut tick = tokio::time::interval(Duration::from_secs(3600));
@@ -205,7 +205,8 @@ pub async fn open_sink(cfg: &Config) -> Result<sink::AnySink, StartError> {
             };
             let pg = pg::PgSink::open(&opts).await.map_err(|e| StartError::SinkAt { at: "sink.url", error: e })?;
             info!(database = pg.describe(), pool = cfg.sink.pool_size, "PostgreSQL sink ready.");
-            Ok(sink::AnySink::Postgres(Arc::new(pg)))
+            let pg = Arc::new(pg);
+            Ok(sink::AnySink::Postgres(pg.clone(), pg::PgCommitter::start(pg, cfg.sink.pool_size)))
         }
         _ => {
             let path = cfg.hub.data_dir.join("sink.redb");

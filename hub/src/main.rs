@@ -241,7 +241,7 @@ fn main() -> ExitCode {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime");
             rt.block_on(async {
                 match voither_hub::open_sink(&cfg).await {
-                    Ok(voither_hub::sink::AnySink::Postgres(pg)) => {
+                    Ok(voither_hub::sink::AnySink::Postgres(pg, _)) => {
                         println!("{}: schema version {}", pg.describe(), pg.migrate().await.unwrap_or_default());
                         ExitCode::SUCCESS
                     }

@@ -139,6 +139,95 @@ pub struct PgSink {
     describe: String,
 }
 
+type CommitReply = (Vec<StoreRequest>, Result<CommitStats, SinkError>);
+
+#[derive(Debug)]
+struct CommitJob {
+    gateway: String,
+    reqs: Vec<StoreRequest>,
+    reply: tokio::sync::oneshot::Sender<CommitReply>,
+}
+
+/// Group commit for the PostgreSQL sink: `pool_size` workers, each taking every
+/// session's pending batches that are waiting into one transaction (one WAL flush for
+/// all of them). Without it, each session's batch was a transaction of its own, and at
+/// a few thousand gateways they queued for the pool's connections.
+#[derive(Debug, Clone)]
+pub struct PgCommitter {
+    tx: tokio::sync::mpsc::UnboundedSender<CommitJob>,
+}
+
+impl PgCommitter {
+    /// Starts `workers` commit tasks on the current runtime; they end when the last
+    /// clone is dropped.
+    pub fn start(sink: std::sync::Arc<PgSink>, workers: usize) -> Self {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<CommitJob>();
+        let rx = std::sync::Arc::new(tokio::sync::Mutex::new(rx));
+        for _ in 0..workers.max(1) {
+            let (sink, rx) = (sink.clone(), rx.clone());
+            tokio::spawn(async move {
+                loop {
+                    let jobs = {
+                        let mut rx = rx.lock().await;
+                        let Some(first) = rx.recv().await else { return };
+                        let mut jobs = vec![first];
+                        while jobs.len() < crate::sink::MAX_GROUP {
+                            match rx.try_recv() {
+                                Ok(j) => jobs.push(j),
+                                Err(_) => break,
+                            }
+                        }
+                        jobs
+                    };
+                    let items: Vec<(&str, &[StoreRequest])> =
+                        jobs.iter().map(|j| (j.gateway.as_str(), j.reqs.as_slice())).collect();
+                    let res = sink.commit_group(&items).await;
+                    drop(items);
+                    match res {
+                        Ok(stats) => {
+                            for (j, st) in jobs.into_iter().zip(stats) {
+                                let _ = j.reply.send((j.reqs, Ok(st)));
+                            }
+                        }
+                        Err(e) if e.is_transient() || jobs.len() == 1 => {
+                            for j in jobs {
+                                let err = match &e {
+                                    SinkError::Unavailable(m) => SinkError::Unavailable(m.clone()),
+                                    other => SinkError::Io(other.to_string()),
+                                };
+                                let _ = j.reply.send((j.reqs, Err(err)));
+                            }
+                        }
+                        Err(_) => {
+                            // One session's batch the database refuses must not fail the
+                            // others of its group: commit each on its own.
+                            for j in jobs {
+                                let r = sink.commit(&j.gateway, &j.reqs).await;
+                                let _ = j.reply.send((j.reqs, r));
+                            }
+                        }
+                    }
+                }
+            });
+        }
+        PgCommitter { tx }
+    }
+
+    /// Commits `reqs` of `gateway` in the next group; hands the requests back.
+    pub async fn commit(&self, gateway: &str, reqs: Vec<StoreRequest>) -> CommitReply {
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        if let Err(tokio::sync::mpsc::error::SendError(job)) =
+            self.tx.send(CommitJob { gateway: gateway.to_owned(), reqs, reply })
+        {
+            return (job.reqs, Err(SinkError::Io("the sink commit tasks have stopped".into())));
+        }
+        match rx.await {
+            Ok(r) => r,
+            Err(_) => (Vec::new(), Err(SinkError::Io("the sink commit tasks have stopped".into()))),
+        }
+    }
+}
+
 /// A pooled connection; back to the pool on drop unless it broke.
 #[derive(Debug)]
 struct Pooled<'a> {
@@ -351,95 +440,132 @@ impl PgSink {
 
     /// Commits the requests of `gateway` in one transaction.
     pub async fn commit(&self, gateway: &str, reqs: &[StoreRequest]) -> Result<CommitStats, SinkError> {
-        let mut stats = CommitStats::default();
-        let mut lanes: Vec<&str> = reqs.iter().map(|r| r.lane.as_str()).collect();
-        lanes.sort_unstable();
-        lanes.dedup();
+        Ok(self.commit_group(&[(gateway, reqs)]).await?.pop().expect("one stats per item"))
+    }
+
+    /// Commits the requests of several gateways (or sessions) in one transaction.
+    /// Items are applied in order, each against the marks the items before it left;
+    /// returns one [`CommitStats`] per item.
+    pub async fn commit_group(&self, items: &[(&str, &[StoreRequest])]) -> Result<Vec<CommitStats>, SinkError> {
+        use std::collections::HashMap;
+        let mut pairs: Vec<(&str, &str)> =
+            items.iter().flat_map(|(g, reqs)| reqs.iter().map(move |r| (*g, r.lane.as_str()))).collect();
+        pairs.sort_unstable();
+        pairs.dedup();
+        let (p_gw, p_lane): (Vec<&str>, Vec<&str>) = pairs.iter().copied().unzip();
         let mut c = self.conn().await?;
         let txn = c.transaction().await.map_err(db_err)?;
         txn.execute(
-            "INSERT INTO voither_marks (gateway, lane, mark) SELECT $1, unnest($2::text[]), 0 ON CONFLICT DO NOTHING",
-            &[&gateway, &lanes],
+            "INSERT INTO voither_marks (gateway, lane, mark)
+             SELECT g, l, 0 FROM unnest($1::text[], $2::text[]) AS t(g, l) ON CONFLICT DO NOTHING",
+            &[&p_gw, &p_lane],
         )
         .await
         .map_err(db_err)?;
-        // Lock the lanes' marks (in lane order: two replicas never deadlock on them).
+        // Lock the marks in (gateway, lane) order: concurrent groups never deadlock.
         let rows = txn
             .query(
-                "SELECT lane, mark FROM voither_marks WHERE gateway = $1 AND lane = ANY($2) ORDER BY lane FOR UPDATE",
-                &[&gateway, &lanes],
+                "SELECT m.gateway, m.lane, m.mark FROM voither_marks AS m
+                 JOIN unnest($1::text[], $2::text[]) AS t(g, l) ON m.gateway = t.g AND m.lane = t.l
+                 ORDER BY m.gateway, m.lane FOR UPDATE OF m",
+                &[&p_gw, &p_lane],
             )
             .await
             .map_err(db_err)?;
-        let mut marks: std::collections::HashMap<String, u64> =
-            rows.iter().map(|r| (r.get::<_, String>(0), r.get::<_, i64>(1).max(0) as u64)).collect();
+        let mut marks: HashMap<(String, String), u64> = rows
+            .iter()
+            .map(|r| ((r.get::<_, String>(0), r.get::<_, String>(1)), r.get::<_, i64>(2).max(0) as u64))
+            .collect();
 
-        let (mut r_lane, mut r_seq, mut r_ms, mut r_src, mut r_ct, mut r_pay) =
-            (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
-        let (mut g_lane, mut g_from, mut g_through, mut g_reason) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-        let (mut m_lane, mut m_mark) = (Vec::new(), Vec::new());
-        let mut sent = 0u64;
-        for req in reqs {
-            let lane = req.lane.as_str();
-            let mark = marks.get(lane).copied().unwrap_or(0);
-            for r in &req.records {
-                if r.seq <= mark {
-                    stats.duplicates += 1;
-                    continue;
+        let mut stats = vec![CommitStats::default(); items.len()];
+        let mut owner: HashMap<(&str, &str, u64), usize> = HashMap::new();
+        let (mut r_gw, mut r_lane, mut r_seq, mut r_ms, mut r_src, mut r_ct, mut r_pay) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let (mut g_gw, mut g_lane, mut g_from, mut g_through, mut g_reason) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let (mut m_gw, mut m_lane, mut m_mark) = (Vec::new(), Vec::new(), Vec::new());
+        for (i, (gateway, reqs)) in items.iter().enumerate() {
+            let gateway = *gateway;
+            for req in *reqs {
+                let lane = req.lane.as_str();
+                let key = (gateway.to_owned(), lane.to_owned());
+                let mark = marks.get(&key).copied().unwrap_or(0);
+                for r in &req.records {
+                    if r.seq <= mark {
+                        stats[i].duplicates += 1;
+                        continue;
+                    }
+                    owner.insert((gateway, lane, r.seq), i);
+                    r_gw.push(gateway);
+                    r_lane.push(lane);
+                    r_seq.push(to_i64(r.seq, "seq")?);
+                    r_ms.push(to_i64(r.ingest_ts_ms, "ingest time")?);
+                    r_src.push(r.source.as_str());
+                    r_ct.push(r.content_type.as_deref());
+                    r_pay.push(r.payload.as_slice());
                 }
-                sent += 1;
-                r_lane.push(lane);
-                r_seq.push(to_i64(r.seq, "seq")?);
-                r_ms.push(to_i64(r.ingest_ts_ms, "ingest time")?);
-                r_src.push(r.source.as_str());
-                r_ct.push(r.content_type.as_deref());
-                r_pay.push(r.payload.as_slice());
-            }
-            for g in &req.gaps {
-                if g.through_seq <= mark {
-                    continue;
+                for g in &req.gaps {
+                    if g.through_seq <= mark {
+                        continue;
+                    }
+                    let from = g.from_seq.max(mark + 1);
+                    g_gw.push(gateway);
+                    g_lane.push(lane);
+                    g_from.push(to_i64(from, "gap seq")?);
+                    g_through.push(to_i64(g.through_seq, "gap seq")?);
+                    g_reason.push(reason_name(g.reason));
+                    stats[i].gaps += 1;
+                    stats[i].gap_records += g.through_seq - from + 1;
                 }
-                let from = g.from_seq.max(mark + 1);
-                g_lane.push(lane);
-                g_from.push(to_i64(from, "gap seq")?);
-                g_through.push(to_i64(g.through_seq, "gap seq")?);
-                g_reason.push(reason_name(g.reason));
-                stats.gaps += 1;
-                stats.gap_records += g.through_seq - from + 1;
-            }
-            if req.through_seq > mark {
-                marks.insert(lane.to_owned(), req.through_seq);
-                m_lane.push(lane);
-                m_mark.push(to_i64(req.through_seq, "mark")?);
+                if req.through_seq > mark {
+                    marks.insert(key, req.through_seq);
+                    m_gw.push(gateway);
+                    m_lane.push(lane);
+                    m_mark.push(to_i64(req.through_seq, "mark")?);
+                }
             }
         }
         if !r_seq.is_empty() {
-            // RETURNING counts what the primary key let in: a row it refused (stored
-            // by another replica already) is a duplicate, not a write.
+            // RETURNING tells which rows the primary key let in: a row it refused
+            // (stored by another replica already) is a duplicate, not a write.
             let rows = txn
                 .query(
                     "INSERT INTO voither_records (gateway, lane, seq, ingest_time, source, content_type, payload)
-                     SELECT $1, t.lane, t.seq, timestamptz 'epoch' + t.ms * interval '1 millisecond', t.source,
+                     SELECT t.gateway, t.lane, t.seq, timestamptz 'epoch' + t.ms * interval '1 millisecond', t.source,
                             t.content_type, t.payload
-                     FROM unnest($2::text[], $3::int8[], $4::int8[], $5::text[], $6::text[], $7::bytea[])
-                          AS t(lane, seq, ms, source, content_type, payload)
+                     FROM unnest($1::text[], $2::text[], $3::int8[], $4::int8[], $5::text[], $6::text[], $7::bytea[])
+                          AS t(gateway, lane, seq, ms, source, content_type, payload)
                      ON CONFLICT DO NOTHING
-                     RETURNING octet_length(payload)::int8",
-                    &[&gateway, &r_lane, &r_seq, &r_ms, &r_src, &r_ct, &r_pay],
+                     RETURNING gateway, lane, seq, octet_length(payload)::int8",
+                    &[&r_gw, &r_lane, &r_seq, &r_ms, &r_src, &r_ct, &r_pay],
                 )
                 .await
                 .map_err(db_err)?;
-            stats.records = rows.len() as u64;
-            stats.bytes = rows.iter().map(|r| r.get::<_, i64>(0) as u64).sum();
-            stats.duplicates += sent - stats.records;
+            let mut inserted = vec![0u64; items.len()];
+            for row in &rows {
+                let (g, l, seq): (&str, &str, i64) = (row.get(0), row.get(1), row.get(2));
+                if let Some(&i) = owner.get(&(g, l, seq as u64)) {
+                    inserted[i] += 1;
+                    stats[i].records += 1;
+                    stats[i].bytes += row.get::<_, i64>(3) as u64;
+                }
+            }
+            let mut sent = vec![0u64; items.len()];
+            for i in owner.values() {
+                sent[*i] += 1;
+            }
+            for i in 0..items.len() {
+                stats[i].duplicates += sent[i] - inserted[i];
+            }
         }
         if !g_from.is_empty() {
             txn.execute(
                 "INSERT INTO voither_gaps (gateway, lane, from_seq, through_seq, reason)
-                 SELECT $1, t.lane, t.from_seq, t.through_seq, t.reason
-                 FROM unnest($2::text[], $3::int8[], $4::int8[], $5::text[]) AS t(lane, from_seq, through_seq, reason)
+                 SELECT t.gateway, t.lane, t.from_seq, t.through_seq, t.reason
+                 FROM unnest($1::text[], $2::text[], $3::int8[], $4::int8[], $5::text[])
+                      AS t(gateway, lane, from_seq, through_seq, reason)
                  ON CONFLICT DO NOTHING",
-                &[&gateway, &g_lane, &g_from, &g_through, &g_reason],
+                &[&g_gw, &g_lane, &g_from, &g_through, &g_reason],
             )
             .await
             .map_err(db_err)?;
@@ -447,9 +573,11 @@ impl PgSink {
         if !m_lane.is_empty() {
             txn.execute(
                 "UPDATE voither_marks AS m SET mark = GREATEST(m.mark, v.mark), updated_at = now()
-                 FROM (SELECT lane, max(mark) AS mark FROM unnest($2::text[], $3::int8[]) AS t(lane, mark) GROUP BY lane) AS v
-                 WHERE m.gateway = $1 AND m.lane = v.lane",
-                &[&gateway, &m_lane, &m_mark],
+                 FROM (SELECT gateway, lane, max(mark) AS mark
+                       FROM unnest($1::text[], $2::text[], $3::int8[]) AS t(gateway, lane, mark)
+                       GROUP BY gateway, lane) AS v
+                 WHERE m.gateway = v.gateway AND m.lane = v.lane",
+                &[&m_gw, &m_lane, &m_mark],
             )
             .await
             .map_err(db_err)?;

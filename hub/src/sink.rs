@@ -131,10 +131,16 @@ impl GroupCommitter {
                                 let _ = j.reply.send((j.reqs, Ok(st)));
                             }
                         }
-                        Err(e) => {
-                            let msg = e.to_string();
+                        Err(e) if jobs.len() == 1 => {
+                            let j = jobs.pop().expect("one job");
+                            let _ = j.reply.send((j.reqs, Err(e)));
+                        }
+                        Err(_) => {
+                            // One session's batch that fails must not fail the others of
+                            // its group: commit each on its own.
                             for j in jobs {
-                                let _ = j.reply.send((j.reqs, Err(SinkError::Io(msg.clone()))));
+                                let r = sink.commit(&j.gateway, &j.reqs);
+                                let _ = j.reply.send((j.reqs, r));
                             }
                         }
                     }
@@ -184,8 +190,8 @@ pub enum AnySink {
     /// [`Sink`]: reads on tokio's blocking threads, commits through its
     /// [`GroupCommitter`].
     Embedded(std::sync::Arc<Sink>, GroupCommitter),
-    /// [`crate::pg::PgSink`].
-    Postgres(std::sync::Arc<crate::pg::PgSink>),
+    /// [`crate::pg::PgSink`], commits through its [`crate::pg::PgCommitter`].
+    Postgres(std::sync::Arc<crate::pg::PgSink>, crate::pg::PgCommitter),
 }
 
 impl AnySink {
@@ -196,7 +202,7 @@ impl AnySink {
                 let (s, g) = (s.clone(), gateway.to_owned());
                 tokio::task::spawn_blocking(move || s.marks(&g, &lanes)).await.expect("marks task")
             }
-            AnySink::Postgres(p) => p.marks(gateway, &lanes).await,
+            AnySink::Postgres(p, _) => p.marks(gateway, &lanes).await,
         }
     }
 
@@ -208,10 +214,7 @@ impl AnySink {
     ) -> (Vec<StoreRequest>, Result<CommitStats, SinkError>) {
         match self {
             AnySink::Embedded(_, c) => c.commit(gateway, reqs).await,
-            AnySink::Postgres(p) => {
-                let r = p.commit(gateway, &reqs).await;
-                (reqs, r)
-            }
+            AnySink::Postgres(_, c) => c.commit(gateway, reqs).await,
         }
     }
 
@@ -243,7 +246,7 @@ impl AnySink {
                 })
                 .await;
             }
-            AnySink::Postgres(p) => p.export_ndjson(gateway.as_deref(), lane.as_deref(), tx).await,
+            AnySink::Postgres(p, _) => p.export_ndjson(gateway.as_deref(), lane.as_deref(), tx).await,
         }
     }
 
@@ -254,7 +257,7 @@ impl AnySink {
                 let s = s.clone();
                 tokio::task::spawn_blocking(move || s.count()).await.expect("count task")
             }
-            AnySink::Postgres(p) => p.count().await,
+            AnySink::Postgres(p, _) => p.count().await,
         }
     }
 
@@ -267,7 +270,7 @@ impl AnySink {
                 let s = s.clone();
                 c.alive() && tokio::task::spawn_blocking(move || s.marks("", &[]).is_ok()).await.unwrap_or(false)
             }
-            AnySink::Postgres(_) => true,
+            AnySink::Postgres(..) => true,
         }
     }
 }

@@ -1,4 +1,5 @@
-//! The fleet simulator against a real hub (embedded sink): 50 simulated gateways, each
+//! The fleet simulator against a real hub (embedded sink, then the PostgreSQL sink with
+//! its group commit): 50 simulated gateways, each
 //! with its own certificate and QUIC connection, send for a few seconds; afterwards
 //! every record a gateway was acked for is in the hub's sink exactly once, intact, and
 //! nothing is stored that a gateway did not generate. No timing assertions: this proves
@@ -13,7 +14,18 @@ use voither_tests::fleet::{self, FleetOpts, LANE};
 
 #[test]
 fn every_acked_record_of_every_simulated_gateway_is_in_the_sink_once() {
+    fifty_gateways(String::new());
+}
+
+#[test]
+fn every_acked_record_of_every_simulated_gateway_is_in_postgresql_once() {
+    let pg = voither_tests::pg::Postgres::start();
+    fifty_gateways(pg.sink_toml());
+}
+
+fn fifty_gateways(hub_extra_config: String) {
     let opts = FleetOpts {
+        hub_extra_config,
         gateways: 50,
         rate: 20.0,
         record_bytes: 64,
