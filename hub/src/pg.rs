@@ -130,6 +130,17 @@ fn db_err(e: tokio_postgres::Error) -> SinkError {
     }
 }
 
+/// Appends `row` to `chunk` and sends the chunk once it is full; false when the
+/// receiver is gone.
+async fn push_row(chunk: &mut Vec<u8>, row: &ExportRow, tx: &tokio::sync::mpsc::Sender<Vec<u8>>) -> bool {
+    ndjson_line(chunk, row);
+    if chunk.len() < EXPORT_CHUNK {
+        return true;
+    }
+    let full = std::mem::replace(chunk, Vec::with_capacity(EXPORT_CHUNK + 4096));
+    tx.send(full).await.is_ok()
+}
+
 /// The PostgreSQL sink, with its own small pool of connections.
 #[derive(Debug)]
 pub struct PgSink {
@@ -391,21 +402,13 @@ impl PgSink {
             .map_err(db_err)?;
         for row in days {
             let (name, from, to): (String, String, String) = (row.get(0), row.get(1), row.get(2));
-            let exists: bool = c
-                .query_one("SELECT to_regclass($1) IS NOT NULL", &[&format!("voither_records_{name}")])
-                .await
-                .map_err(db_err)?
-                .get(0);
-            if exists {
-                continue;
-            }
             // Names and bounds are digits and dashes made above, not input.
             let sql = format!(
                 "CREATE TABLE IF NOT EXISTS voither_records_{name} PARTITION OF voither_records \
                  FOR VALUES FROM ('{from} 00:00:00+00') TO ('{to} 00:00:00+00')"
             );
             match c.batch_execute(&sql).await {
-                Ok(()) => tracing::debug!(partition = %format!("voither_records_{name}"), "Created a day partition."),
+                Ok(()) => tracing::debug!(partition = %format!("voither_records_{name}"), "Day partition in place."),
                 Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::CHECK_VIOLATION) => {
                     tracing::warn!(day = %from, "Rows of this day are in voither_records_default already; the day keeps them there.");
                 }
@@ -637,12 +640,8 @@ impl PgSink {
                 payload: base64::Engine::encode(&base64::engine::general_purpose::STANDARD, payload),
                 decoded: DecodedFrame::from_payload(payload),
             };
-            ndjson_line(chunk, &out);
-            if chunk.len() >= EXPORT_CHUNK {
-                let full = std::mem::replace(chunk, Vec::with_capacity(EXPORT_CHUNK + 4096));
-                if tx.send(full).await.is_err() {
-                    return Ok(());
-                }
+            if !push_row(chunk, &out, tx).await {
+                return Ok(());
             }
         }
         let gaps = c
@@ -663,12 +662,8 @@ impl PgSink {
                 through_seq: row.get::<_, i64>(3) as u64,
                 reason: row.get(4),
             };
-            ndjson_line(chunk, &out);
-            if chunk.len() >= EXPORT_CHUNK {
-                let full = std::mem::replace(chunk, Vec::with_capacity(EXPORT_CHUNK + 4096));
-                if tx.send(full).await.is_err() {
-                    return Ok(());
-                }
+            if !push_row(chunk, &out, tx).await {
+                return Ok(());
             }
         }
         Ok(())
