@@ -4,6 +4,9 @@
 # profile (cross/cargo-config.toml), and prints the stripped sizes.
 #
 #   cross/build.sh [x86_64|aarch64|armv7 ...]      default: all three
+#   cross/build.sh --prepare [targets]             only install the toolchains (apt),
+#                                                  so that a build in the background
+#                                                  never needs the dpkg lock
 #
 # Output, under the Cargo target folder ($CARGO_TARGET_DIR, default ./target):
 #   cross/<triple>/voither-gateway, cross/<triple>/voither-hub   stripped binaries
@@ -21,16 +24,27 @@
 #
 # Environment:
 #   VOITHER_GATEWAY_FEATURES   gateway features beyond the defaults (default: sensors)
-#   VOITHER_CROSS_PROFILE      Cargo profile (default: release-edge)
+#   VOITHER_CROSS_PROFILE      Cargo profile (default: release-edge; the test command
+#                              uses cross-check, which builds fastest)
+#   VOITHER_CROSS_X86_64_FROM  a folder holding x86_64 voither-gateway and voither-hub
+#                              already built on this host (the test command passes its
+#                              own target/debug): x86_64 is then stripped from there
+#                              instead of built again
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck source=cross/lib.sh
 . cross/lib.sh
 
+prepare=0
+if [ "${1:-}" = --prepare ]; then
+  prepare=1
+  shift
+fi
 targets=("$@")
 [ ${#targets[@]} -gt 0 ] || targets=(x86_64 aarch64 armv7)
 features=${VOITHER_GATEWAY_FEATURES-sensors}
 profile=${VOITHER_CROSS_PROFILE:-release-edge}
+x86_64_from=${VOITHER_CROSS_X86_64_FROM:-}
 
 step_begin "apt: Debian's Rust"
 need_pkgs=()
@@ -66,6 +80,20 @@ for t in "${targets[@]}"; do
   fi
   [ ${#pkgs[@]} -eq 0 ] || apt_install "${pkgs[@]}"
   step_end
+  [ "$prepare" = 0 ] || continue
+
+  out=$cross_out/$triple
+  mkdir -p "$out"
+  if [ "$arch" = amd64 ] && [ -n "$x86_64_from" ]; then
+    step_begin "$t: strip the host's own build from $x86_64_from"
+    for b in voither-gateway voither-hub; do
+      [ -x "$x86_64_from/$b" ] || { echo "FAIL: VOITHER_CROSS_X86_64_FROM: no $x86_64_from/$b" >&2; exit 1; }
+      "$(strip_of "$t")" -o "$out/$b.tmp" "$x86_64_from/$b"
+      mv "$out/$b.tmp" "$out/$b"
+    done
+    step_end
+    continue
+  fi
 
   step_begin "$t: cargo build --profile $profile"
   env=(RUSTC=/usr/bin/rustc)
@@ -77,8 +105,6 @@ for t in "${targets[@]}"; do
   env "${env[@]}" /usr/bin/cargo build --config cross/cargo-config.toml --target "$triple" \
     --profile "$profile" --locked -p voither-gateway -p voither-hub \
     ${features:+--features "voither-gateway/$features"} "${args[@]}"
-  out=$cross_out/$triple
-  mkdir -p "$out"
   for b in voither-gateway voither-hub; do
     # profile release-edge already strips; strip again in case another profile ran.
     "$(strip_of "$t")" -o "$out/$b.tmp" "$target/$triple/$profile/$b"
@@ -86,6 +112,11 @@ for t in "${targets[@]}"; do
   done
   step_end
 done
+
+if [ "$prepare" = 1 ]; then
+  echo "OK: toolchains ready for ${targets[*]}"
+  exit 0
+fi
 
 {
   printf '%-32s %-16s %10s %8s\n' target binary bytes MiB

@@ -48,10 +48,12 @@ pkgs=()
 have_cmd qemu-aarch64-static || pkgs+=(qemu-user-static)
 have_cmd mosquitto || [ -x /usr/sbin/mosquitto ] || pkgs+=(mosquitto)
 [ ${#pkgs[@]} -eq 0 ] || apt_install "${pkgs[@]}"
-# The hub, the PKI tool and the test itself are the host's ordinary debug build.
-cargo build --locked --quiet -p voither-hub --bin voither-hub
+# The hub, the PKI tool and the test itself are the host's ordinary debug build, built
+# for the whole workspace as the test command builds it (selecting one package with -p
+# would unify features differently and compile the dependencies again).
+cargo build --locked --quiet --workspace --bins
 VOITHER_CROSS_GATEWAY=$cross_out/aarch64-unknown-linux-gnu/voither-gateway \
-  cargo test --locked --quiet -p voither-tests --test cross_aarch64 -- --ignored --test-threads=1
+  cargo test --locked --quiet --workspace --test cross_aarch64 -- --ignored --test-threads=1
 step_end
 
 # ---------------------------------------------------------------------------------

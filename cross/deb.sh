@@ -23,6 +23,9 @@
 # /etc/<binary>/pki/ first (see the unit's header), so it is not enabled or started.
 # Removing the package stops the service; purging it keeps the state folder
 # (/var/lib/private/<binary>: records not yet synced), which the operator removes.
+#
+# VOITHER_DEB_XZ_LEVEL: xz level of the packages (default 6, dpkg-deb's own; the test
+# command uses 1, since its packages are only installed into scratch roots).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck source=cross/lib.sh
@@ -148,7 +151,7 @@ EOF
     chmod 0755 "$pkg/DEBIAN/postinst" "$pkg/DEBIAN/prerm" "$pkg/DEBIAN/postrm"
     find "$pkg" -exec touch -h -d "@$epoch" {} +
     out=$debs/${bin}_${version}_$arch.deb
-    dpkg-deb --root-owner-group -Zxz --build "$pkg" "$out" >/dev/null
+    dpkg-deb --root-owner-group -Zxz "-z${VOITHER_DEB_XZ_LEVEL:-6}" --build "$pkg" "$out" >/dev/null
     echo "    $out: $(du -h "$out" | cut -f1), Depends: $(dpkg-deb -f "$out" Depends)"
   done
   step_end

@@ -3,6 +3,8 @@
 # missing.
 #
 #   scripts/check-deps.sh
+#   scripts/check-deps.sh --install-only    only install cargo-deny (scripts/test.sh
+#                                           does this in the background first)
 #
 # 1. bans: one crypto provider and one TLS stack (ring through rustls; no aws-lc-rs,
 #    OpenSSL, native-tls or BoringSSL), one version of ring and of rustls, no sled,
@@ -38,6 +40,10 @@ if ! [ -x "$deny" ] || [ "$("$deny" --version 2>/dev/null)" != "cargo-deny $CARG
     cargo install --locked --quiet --root "$root" --version "$CARGO_DENY_VERSION" cargo-deny
   rm -rf "$tools/build"
   echo "    built in $((SECONDS - start)) s"
+fi
+if [ "${1:-}" = --install-only ]; then
+  echo "OK: $("$deny" --version) in $root"
+  exit 0
 fi
 
 log=$(mktemp)

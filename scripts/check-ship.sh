@@ -75,7 +75,9 @@ fi
 echo "    renderer: ${render[*]} ($("${render[0]}" version --client 2>/dev/null | grep -i kustomize || "${render[0]}" version 2>/dev/null | head -1))"
 
 echo "==> cargo build (the binaries the units and the manifests run)"
-cargo build --bins -p voither-gateway -p voither-hub --locked --quiet
+# The whole workspace, as scripts/test.sh builds it: selecting packages with -p would
+# unify features differently and compile the dependencies a second time.
+cargo build --workspace --bins --locked --quiet
 
 # ---------------------------------------------------------------------------------
 echo "==> systemd-analyze verify"
@@ -154,5 +156,5 @@ done
 
 # ---------------------------------------------------------------------------------
 echo "==> manifests agree with the binaries (tests/tests/ship_manifests.rs)"
-VOITHER_SHIP_RENDERED=$rendered cargo test -p voither-tests --test ship_manifests --locked --quiet -- --test-threads=2
+VOITHER_SHIP_RENDERED=$rendered cargo test --workspace --test ship_manifests --locked --quiet -- --test-threads=2
 echo "OK: systemd units and Kubernetes manifests checked"

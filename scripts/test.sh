@@ -6,8 +6,49 @@
 # The end-to-end tests start their own Mosquitto, hubs and gateways on free loopback
 # ports; Mosquitto and PostgreSQL come from Debian's packages and are installed here
 # when missing.
+#
+# cross/ (ARM builds, the aarch64 gateway under qemu, the multi-arch image index, the
+# .deb files) runs here too: the aarch64 and armv7 builds (Debian's Rust, profile
+# cross-check) start in the background at the lowest priority once the host build is
+# done, so they use what the tests leave of the two cores; cross/check.sh --all then
+# checks them, with the host's own x86_64 build as the amd64 image and package. Each
+# step's seconds are printed at the end.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+target=${CARGO_TARGET_DIR:-$PWD/target}
+[[ $target = /* ]] || target=$PWD/$target
+mkdir -p "$target/cross"
+timings=$target/test-timings.txt
+: >"$timings"
+t_all=$SECONDS
+t_step=$SECONDS
+step_name=""
+step() { # NAME: ends the step before, prints the header of this one
+  [ -z "$step_name" ] || printf '%6d s  %s\n' $((SECONDS - t_step)) "$step_name" >>"$timings"
+  step_name=$1
+  t_step=$SECONDS
+  [ -z "$1" ] || echo "==> $1"
+}
+cross_pid=""
+deny_pid=""
+cross_log=$target/cross/build-background.log
+deny_log=$target/cargo-deny-install.log
+# The optional cargo features, checked and unit-tested once with all of them on
+# (tests/tests/otlp_export.rs builds its binaries with the same list, so the unit tests
+# at the end reuse that build).
+features=voither-gateway/sensors,voither-gateway/otlp,voither-hub/otlp,voither-telemetry/otlp
+# The background build runs in its own process group (setsid), so a failing step stops
+# it together with its cargo and rustc.
+trap 'for p in $cross_pid $deny_pid; do kill -- "-$p" 2>/dev/null || true; done' EXIT
+# wait_background PID LOG WHAT: waits for a background step; on failure shows its log.
+wait_background() {
+  if ! wait "$1"; then
+    tail -n 40 "$2"
+    echo "FAIL: $3 failed (the whole log: $2)"
+    exit 1
+  fi
+  tail -n 8 "$2"
+}
 
 missing=()
 if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; then
@@ -26,21 +67,43 @@ if [ ${#missing[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
-echo "==> cargo fmt --check"
+step "cargo fmt --check"
 cargo fmt --all --check
-echo "==> dependencies: cargo deny (bans, licenses, sources; advisories where the database can be had)"
-scripts/check-deps.sh
-echo "==> cargo clippy"
+# cargo-deny is built once per machine (about 6 CPU-minutes) and cached; the build runs
+# in the background and the checks near the end.
+echo "    cargo-deny: installed in the background when missing (log: $deny_log)"
+setsid nice -n 19 scripts/check-deps.sh --install-only >"$deny_log" 2>&1 &
+deny_pid=$!
+step "cross: Debian's Rust and cross gcc (apt, when missing)"
+cross/build.sh --prepare aarch64 armv7
+step "cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
-cargo clippy -p voither-gateway --features sensors --all-targets --locked -- -D warnings
-cargo clippy -p voither-gateway -p voither-hub -p voither-telemetry --features otlp --all-targets --locked -- -D warnings
-echo "==> cargo build (binaries used by the end-to-end tests)"
+# The optional features in one pass over the workspace (with -p, the dependencies would
+# be checked again under other feature sets).
+cargo clippy --workspace --all-targets --locked --features "$features" -- -D warnings
+step "cargo build (binaries used by the end-to-end tests)"
 cargo build --workspace --bins --locked
-echo "==> systemd units and Kubernetes manifests"
+echo "    cross builds of aarch64 and armv7 start in the background (log: $cross_log)"
+VOITHER_CROSS_PROFILE=cross-check setsid nice -n 19 cross/build.sh aarch64 armv7 >"$cross_log" 2>&1 &
+cross_pid=$!
+step "systemd units and Kubernetes manifests"
 scripts/check-ship.sh
-echo "==> cargo test"
+step "cargo test"
 cargo test --workspace --locked -- --test-threads=2
-echo "==> cargo test (gateway with the sensors feature)"
-cargo test -p voither-gateway --features sensors --locked
-echo "==> cargo test (telemetry with the otlp feature)"
-cargo test -p voither-telemetry --features otlp --locked
+step "cross: wait for the aarch64 and armv7 builds"
+wait_background "$cross_pid" "$cross_log" "the cross builds"
+cross_pid=""
+step "cross/check.sh --all: aarch64 under qemu, image index, .deb files"
+VOITHER_CROSS_X86_64_FROM=$target/debug cross/build.sh x86_64
+VOITHER_CROSS_SKIP_BUILD=1 VOITHER_DEB_XZ_LEVEL=1 cross/check.sh --all
+step "dependencies: cargo deny (bans, licenses, sources; advisories where the database can be had)"
+wait_background "$deny_pid" "$deny_log" "installing cargo-deny"
+deny_pid=""
+scripts/check-deps.sh
+# Last, because it builds the gateway and the crates above it with other features.
+step "cargo test (unit tests with the features sensors and otlp)"
+cargo test --workspace --locked --features "$features" --lib
+step ""
+echo "==> seconds per step"
+cat "$timings"
+echo "OK: every test passed in $((SECONDS - t_all)) s"

@@ -4,9 +4,10 @@
 //! per-lane order, intact; the gateway counts them as synced and stops cleanly on
 //! SIGTERM.
 //!
-//! The binary is the one that ships (release-edge profile, stripped): the test does not
-//! build it, because a cross release build takes minutes and needs Debian's cross
-//! toolchain. It takes `VOITHER_CROSS_GATEWAY` when set, otherwise
+//! The binary comes from `cross/build.sh`: in the test command (`scripts/test.sh`) built
+//! in the `cross-check` profile, which compiles fastest; for a release in `release-edge`,
+//! the one that ships. The test does not build it, because a cross build takes minutes
+//! and needs Debian's cross toolchain. It takes `VOITHER_CROSS_GATEWAY` when set, otherwise
 //! `<target dir>/cross/aarch64-unknown-linux-gnu/voither-gateway` (where
 //! `cross/build.sh` puts it). If neither exists the test fails and says to run
 //! `cross/check.sh`: a cross build that silently did not run must not look green.
@@ -166,7 +167,7 @@ impl Drop for QemuGateway {
 }
 
 #[test]
-#[ignore = "needs the aarch64 release build and qemu-user: run cross/check.sh, which builds them and runs this"]
+#[ignore = "needs the aarch64 cross build and qemu-user: cross/check.sh (run by scripts/test.sh) builds them and runs this"]
 fn aarch64_gateway_under_qemu_syncs_to_the_x86_hub() {
     // Fail before starting anything when the binary or qemu is missing.
     cross_gateway();

@@ -33,7 +33,8 @@ fn profile_dir() -> PathBuf {
     dir
 }
 
-/// A folder with `voither-gateway` and `voither-hub` built with the feature `otlp`.
+/// A folder with `voither-gateway` and `voither-hub` built with the feature `otlp` (and
+/// the gateway's `sensors`).
 fn otlp_bins() -> PathBuf {
     if let Some(dir) = std::env::var_os("VOITHER_OTLP_BIN_DIR") {
         return dir.into();
@@ -63,7 +64,9 @@ fn otlp_bins() -> PathBuf {
         assert!(out.status.success(), "{cmd:?} failed:\n{}", String::from_utf8_lossy(&out.stderr));
         eprintln!("{cmd:?}: {:.1} s", started.elapsed().as_secs_f64());
     };
-    build(Some("voither-gateway/otlp,voither-hub/otlp"));
+    // Every optional feature, the set `scripts/test.sh` unit-tests at its end: that step
+    // then finds these crates built and compiles only the test harnesses.
+    build(Some("voither-gateway/sensors,voither-gateway/otlp,voither-hub/otlp,voither-telemetry/otlp"));
     let out = profile_dir.join("otlp");
     std::fs::create_dir_all(&out).expect("otlp bin folder");
     for name in ["voither-gateway", "voither-hub"] {
