@@ -32,23 +32,40 @@ where
 {
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut was_alive = true;
+    let mut pinger = Pinger::new(every);
     loop {
         tick.tick().await;
-        let now_alive = alive().await;
-        if now_alive {
+        pinger.tick(alive().await, &notify);
+    }
+}
+
+/// What [`run`] does on each tick, apart from the clock.
+#[derive(Debug)]
+struct Pinger {
+    every: Duration,
+    was_alive: bool,
+}
+
+impl Pinger {
+    fn new(every: Duration) -> Self {
+        Self { every, was_alive: true }
+    }
+
+    /// Pings when `alive`; logs once when the hub stops being alive.
+    fn tick(&mut self, alive: bool, notify: &impl Fn(&str)) {
+        if alive {
             notify("WATCHDOG=1");
-        } else if was_alive {
-            warn!(every_ms = every.as_millis() as u64, "Hub not alive; withholding the systemd watchdog ping.");
+        } else if self.was_alive {
+            warn!(every_ms = self.every.as_millis() as u64, "Hub not alive; withholding the systemd watchdog ping.");
         }
-        was_alive = now_alive;
+        self.was_alive = alive;
     }
 }
 
 #[cfg(test)]
 mod tests {
     use std::collections::HashMap;
-    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Arc;
 
     use super::*;
@@ -71,33 +88,51 @@ mod tests {
         assert_eq!(interval(&env(&[]), 7), None);
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn pings_only_while_alive() {
-        let alive = Arc::new(AtomicBool::new(true));
+    #[test]
+    fn pings_only_while_alive() {
+        let pings = std::cell::Cell::new(0);
+        let notify = |state: &str| {
+            assert_eq!(state, "WATCHDOG=1");
+            pings.set(pings.get() + 1);
+        };
+        let mut pinger = Pinger::new(Duration::from_secs(15));
+        for _ in 0..3 {
+            pinger.tick(true, &notify);
+        }
+        assert_eq!(pings.get(), 3);
+        for _ in 0..4 {
+            pinger.tick(false, &notify);
+        }
+        assert_eq!(pings.get(), 3, "no ping while not alive");
+        pinger.tick(true, &notify);
+        assert_eq!(pings.get(), 4, "pings resume");
+    }
+
+    /// The loop itself, on a short real interval: it asks `alive` on every tick and
+    /// pings through `notify` (the clock is tokio's, so no virtual time is needed).
+    #[tokio::test]
+    async fn run_asks_alive_and_pings_each_tick() {
+        let asked = Arc::new(AtomicUsize::new(0));
         let pings = Arc::new(AtomicUsize::new(0));
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         let task = {
-            let (alive, pings) = (alive.clone(), pings.clone());
+            let (asked, pings) = (asked.clone(), pings.clone());
             tokio::spawn(run(
-                Duration::from_secs(15),
+                Duration::from_millis(1),
                 move || {
-                    let alive = alive.clone();
-                    async move { alive.load(Ordering::SeqCst) }
+                    let n = asked.fetch_add(1, Ordering::SeqCst);
+                    // alive, alive, dead, alive, …
+                    async move { n % 3 != 2 }
                 },
                 move |state| {
                     assert_eq!(state, "WATCHDOG=1");
-                    pings.fetch_add(1, Ordering::SeqCst);
+                    let _ = tx.send(pings.fetch_add(1, Ordering::SeqCst) + 1);
                 },
             ))
         };
-        // Ticks at 0, 15 and 30 s.
-        tokio::time::sleep(Duration::from_secs(31)).await;
-        assert_eq!(pings.load(Ordering::SeqCst), 3);
-        alive.store(false, Ordering::SeqCst);
-        tokio::time::sleep(Duration::from_secs(60)).await;
-        assert_eq!(pings.load(Ordering::SeqCst), 3, "no ping while not alive");
-        alive.store(true, Ordering::SeqCst);
-        tokio::time::sleep(Duration::from_secs(15)).await;
-        assert_eq!(pings.load(Ordering::SeqCst), 4, "pings resume");
+        // Four pings take five ticks: the third answer is "not alive", so no ping.
+        while rx.recv().await.expect("the watchdog loop runs") < 4 {}
         task.abort();
+        assert!(asked.load(Ordering::SeqCst) >= 5, "asked {} times for 4 pings", asked.load(Ordering::SeqCst));
     }
 }
