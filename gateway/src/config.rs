@@ -359,7 +359,7 @@ pub enum OnCorrupt {
 }
 
 const fn default_cache() -> usize {
-    16 * 1024 * 1024
+    4 * 1024 * 1024
 }
 
 /// `[[lanes]]`: one priority class.
