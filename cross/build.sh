@@ -35,6 +35,16 @@ cd "$(dirname "$0")/.."
 # shellcheck source=cross/lib.sh
 . cross/lib.sh
 
+# strip_into TARGET FROM OUT: stripped copies of both binaries from FROM in OUT (each
+# written beside, then renamed, never over a file a running process may hold).
+strip_into() {
+  local b
+  for b in voither-gateway voither-hub; do
+    "$(strip_of "$1")" -o "$3/$b.tmp" "$2/$b"
+    mv "$3/$b.tmp" "$3/$b"
+  done
+}
+
 prepare=0
 if [ "${1:-}" = --prepare ]; then
   prepare=1
@@ -88,9 +98,8 @@ for t in "${targets[@]}"; do
     step_begin "$t: strip the host's own build from $x86_64_from"
     for b in voither-gateway voither-hub; do
       [ -x "$x86_64_from/$b" ] || { echo "FAIL: VOITHER_CROSS_X86_64_FROM: no $x86_64_from/$b" >&2; exit 1; }
-      "$(strip_of "$t")" -o "$out/$b.tmp" "$x86_64_from/$b"
-      mv "$out/$b.tmp" "$out/$b"
     done
+    strip_into "$t" "$x86_64_from" "$out"
     step_end
     continue
   fi
@@ -105,11 +114,8 @@ for t in "${targets[@]}"; do
   env "${env[@]}" /usr/bin/cargo build --config cross/cargo-config.toml --target "$triple" \
     --profile "$profile" --locked -p voither-gateway -p voither-hub \
     ${features:+--features "voither-gateway/$features"} "${args[@]}"
-  for b in voither-gateway voither-hub; do
-    # profile release-edge already strips; strip again in case another profile ran.
-    "$(strip_of "$t")" -o "$out/$b.tmp" "$target/$triple/$profile/$b"
-    mv "$out/$b.tmp" "$out/$b"
-  done
+  # profile release-edge already strips; strip again in case another profile ran.
+  strip_into "$t" "$target/$triple/$profile" "$out"
   step_end
 done
 

@@ -37,8 +37,8 @@ deny_log=$target/cargo-deny-install.log
 # (tests/tests/otlp_export.rs builds its binaries with the same list, so the unit tests
 # at the end reuse that build).
 features=voither-gateway/sensors,voither-gateway/otlp,voither-hub/otlp,voither-telemetry/otlp
-# The background build runs in its own process group (setsid), so a failing step stops
-# it together with its cargo and rustc.
+# The background jobs (cross builds, cargo-deny install) run in their own process groups
+# (setsid), so a failing step stops them together with their cargo and rustc.
 trap 'for p in $cross_pid $deny_pid; do kill -- "-$p" 2>/dev/null || true; done' EXIT
 # wait_background PID LOG WHAT: waits for a background step; on failure shows its log.
 wait_background() {
