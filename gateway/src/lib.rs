@@ -16,6 +16,7 @@ pub mod broker;
 pub mod config;
 pub mod ingest;
 pub mod metrics;
+pub mod seglog;
 #[cfg(feature = "sensors")]
 pub mod sensors;
 pub mod static_pod;

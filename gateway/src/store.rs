@@ -50,7 +50,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Mutex, RwLock};
 
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
-use voither_proto::{Gap, GapReason, Record};
+use voither_proto::{Gap, GapReason, Record, RecordRef};
 
 /// Acks whose deletes may wait for a later fsync (see invariant 3).
 pub const ACKS_PER_DURABLE_COMMIT: u64 = 32;
@@ -495,14 +495,14 @@ impl Store {
                 for (i, r) in recs {
                     let seq = m.next_seq;
                     buf.clear();
-                    let rec = Record {
+                    let rec = RecordRef {
                         seq,
                         ingest_ts_ms: r.ingest_ts_ms,
-                        source: r.source.clone(),
-                        content_type: r.content_type.clone(),
-                        payload: r.payload.clone().into(),
+                        source: &r.source,
+                        content_type: r.content_type.as_deref(),
+                        payload: &r.payload,
                     };
-                    minicbor::encode(&rec, &mut buf).expect("encoding into a Vec is infallible");
+                    minicbor::encode(rec, &mut buf).expect("encoding into a Vec is infallible");
                     if spec.policy == FullPolicy::Backpressure && m.bytes + buf.len() as u64 > spec.max_bytes {
                         return Err(StoreError::Full { lane: (*lane).into(), held: m.bytes, budget: spec.max_bytes });
                     }

@@ -153,6 +153,27 @@ pub struct Record {
     pub payload: ByteVec,
 }
 
+/// A [`Record`] made of borrowed parts: it encodes to the same bytes, so a store can
+/// encode what it was given without copying the payload first.
+#[derive(Debug, Clone, Copy, Encode)]
+pub struct RecordRef<'a> {
+    /// See [`Record::seq`].
+    #[n(0)]
+    pub seq: u64,
+    /// See [`Record::ingest_ts_ms`].
+    #[n(1)]
+    pub ingest_ts_ms: u64,
+    /// See [`Record::source`].
+    #[n(2)]
+    pub source: &'a str,
+    /// See [`Record::content_type`].
+    #[n(3)]
+    pub content_type: Option<&'a str>,
+    /// See [`Record::payload`].
+    #[cbor(n(4), with = "minicbor::bytes")]
+    pub payload: &'a [u8],
+}
+
 impl Record {
     /// Bytes this record takes on the wire, roughly (payload plus metadata).
     pub fn approx_size(&self) -> usize {

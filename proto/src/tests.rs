@@ -1540,3 +1540,28 @@ fn welcome_mark_beyond_the_store_is_refused_and_deletes_nothing() {
     assert_eq!(g.poll_event(), None, "no Acked event: nothing may be deleted");
     assert!(!g.is_ready());
 }
+
+#[test]
+fn record_ref_encodes_to_the_same_bytes_as_record() {
+    for (ct, payload) in [(None, vec![]), (Some("application/json"), b"{\"t\":21.5}".to_vec()), (None, vec![7u8; 300])]
+    {
+        let owned = Record {
+            seq: 42,
+            ingest_ts_ms: 1_700_000_000_123,
+            source: "devices/7/telemetry".into(),
+            content_type: ct.map(String::from),
+            payload: payload.clone().into(),
+        };
+        let borrowed = RecordRef {
+            seq: 42,
+            ingest_ts_ms: 1_700_000_000_123,
+            source: "devices/7/telemetry",
+            content_type: ct,
+            payload: &payload,
+        };
+        let a = minicbor::to_vec(&owned).unwrap();
+        let b = minicbor::to_vec(borrowed).unwrap();
+        assert_eq!(a, b);
+        assert_eq!(minicbor::decode::<Record>(&b).unwrap(), owned);
+    }
+}
