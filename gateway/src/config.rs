@@ -329,9 +329,14 @@ fn default_broker_listen() -> SocketAddr {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StoreSection {
-    /// Page cache of the store, bytes (edge devices have little memory).
-    #[serde(default = "default_cache")]
-    pub cache_bytes: usize,
+    /// Size at which the store starts a new segment file, bytes. Space comes back a
+    /// segment at a time once every record in it is acknowledged.
+    #[serde(default = "default_segment_bytes")]
+    pub segment_bytes: u64,
+    /// No longer used (the store of earlier versions had a page cache); accepted so
+    /// existing files still load, with a warning at start.
+    #[serde(default)]
+    pub cache_bytes: Option<usize>,
     /// Most bytes of records held over all lanes (default: the sum of lane budgets).
     #[serde(default)]
     pub max_bytes: Option<u64>,
@@ -342,7 +347,12 @@ pub struct StoreSection {
 
 impl Default for StoreSection {
     fn default() -> Self {
-        Self { cache_bytes: default_cache(), max_bytes: None, on_corrupt: OnCorrupt::default() }
+        Self {
+            segment_bytes: default_segment_bytes(),
+            cache_bytes: None,
+            max_bytes: None,
+            on_corrupt: OnCorrupt::default(),
+        }
     }
 }
 
@@ -350,16 +360,16 @@ impl Default for StoreSection {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum OnCorrupt {
-    /// Rename the file to `store.redb.corrupt-<unix seconds>` (never delete it) and start
-    /// with a fresh store.
+    /// Rename the store folder to `store.corrupt-<unix seconds>` (never delete it) and
+    /// start with a fresh store.
     #[default]
     MoveAside,
     /// Refuse to start, naming the file and the problem.
     Refuse,
 }
 
-const fn default_cache() -> usize {
-    4 * 1024 * 1024
+const fn default_segment_bytes() -> u64 {
+    crate::store::DEFAULT_SEGMENT_BYTES
 }
 
 /// `[[lanes]]`: one priority class.
@@ -783,8 +793,8 @@ impl Config {
         if self.uplink.probe_interval_ms < 100 {
             return Err(bad("uplink.probe_interval_ms", "must be at least 100".into()));
         }
-        if self.store.cache_bytes < 1024 * 1024 {
-            return Err(bad("store.cache_bytes", "must be at least 1 MiB".into()));
+        if !(64 << 10..=1 << 30).contains(&self.store.segment_bytes) {
+            return Err(bad("store.segment_bytes", "must be between 65536 (64 KiB) and 1073741824 (1 GiB)".into()));
         }
         self.validate_sensors().map_err(|(key, message)| bad(&key, message))
     }
@@ -983,6 +993,8 @@ key = "gw.key"
             ("[workloads]\ntrusted_keys = [\"AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=\"]\n", "workloads.logs_lane"),
             ("[workloads]\nmax_line_bytes = 1\n", "workloads.max_line_bytes"),
             ("[workloads]\nruntime = \"docker\"\n", "runtime"),
+            ("[store]\nsegment_bytes = 1000\n", "store.segment_bytes"),
+            ("[store]\nsegment_bytes = 2000000000\n", "store.segment_bytes"),
         ];
         for (extra, key) in cases {
             let err = Config::parse(&format!("{extra}{MIN}"), Path::new("g.toml")).unwrap_err().to_string();
@@ -990,6 +1002,15 @@ key = "gw.key"
         }
         let err = Config::parse(&MIN.replace("127.0.0.1:7700", "nohost"), Path::new("g.toml")).unwrap_err();
         assert!(err.to_string().contains("uplink.endpoints[0]"), "{err}");
+    }
+
+    #[test]
+    fn store_cache_bytes_of_earlier_versions_still_loads() {
+        let c = Config::parse(&format!("[store]\ncache_bytes = 4194304\n{MIN}"), Path::new("g.toml")).unwrap();
+        assert_eq!(
+            (c.store.cache_bytes, c.store.segment_bytes),
+            (Some(4_194_304), crate::store::DEFAULT_SEGMENT_BYTES)
+        );
     }
 
     #[test]

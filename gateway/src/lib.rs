@@ -16,7 +16,6 @@ pub mod broker;
 pub mod config;
 pub mod ingest;
 pub mod metrics;
-pub mod seglog;
 #[cfg(feature = "sensors")]
 pub mod sensors;
 pub mod static_pod;
@@ -311,23 +310,50 @@ pub async fn run(
     Ok(())
 }
 
-/// Opens the store; a corrupt file is moved aside (never deleted) and a fresh store
-/// started, unless `store.on_corrupt = "refuse"`.
+/// Opens the store in `<data_dir>/store`, first moving a store of an earlier version
+/// (`store.redb`) into it. A damaged store is moved aside (never deleted) and a fresh
+/// one started, unless `store.on_corrupt = "refuse"`.
 fn open_store(cfg: &Config, metrics: &metrics::Metrics) -> Result<store::Store, StartError> {
-    let path = cfg.gateway.data_dir.join("store.redb");
-    let open = || store::Store::open(&path, cfg.store.cache_bytes, &cfg.lane_specs(), cfg.store_max_bytes());
+    let dir = cfg.gateway.data_dir.join("store");
+    let old = cfg.gateway.data_dir.join("store.redb");
+    if cfg.store.cache_bytes.is_some() {
+        tracing::warn!(
+            "store.cache_bytes no longer has an effect (the store reads through the OS page cache); remove it."
+        );
+    }
+    let move_aside = |path: &std::path::Path, e: &store::StoreError| -> Result<(), StartError> {
+        let name = path.file_name().map_or_else(|| "store".into(), |n| n.to_string_lossy().into_owned());
+        let aside = path.with_file_name(format!("{name}.corrupt-{}", unix_ms() / 1000));
+        std::fs::rename(path, &aside).map_err(|source| StartError::DataDir { path: aside.clone(), source })?;
+        metrics.store_corrupt_moved.inc();
+        tracing::error!(
+            store = %path.display(),
+            moved_to = %aside.display(),
+            problem = %e,
+            "Store is damaged; moved it aside and started a fresh store. Records it held were not sent."
+        );
+        Ok(())
+    };
+    let refuse = cfg.store.on_corrupt == config::OnCorrupt::Refuse;
+    match store::migrate_redb(&old, &dir) {
+        Ok(Some(m)) => tracing::info!(
+            from = %old.display(),
+            to = %dir.display(),
+            lanes = m.lanes,
+            records = m.records,
+            gaps = m.gaps,
+            old_file = %m.old_file.display(),
+            "Moved the store of an earlier version into the segment store."
+        ),
+        Ok(None) => {}
+        Err(e) if e.is_corrupt() && !refuse => move_aside(&old, &e)?,
+        Err(e) => return Err(e.into()),
+    }
+    let open = || store::Store::open(&dir, cfg.store.segment_bytes, &cfg.lane_specs(), cfg.store_max_bytes());
     match open() {
         Ok(s) => Ok(s),
-        Err(e) if e.is_corrupt() && cfg.store.on_corrupt == config::OnCorrupt::MoveAside => {
-            let aside = path.with_extension(format!("redb.corrupt-{}", unix_ms() / 1000));
-            std::fs::rename(&path, &aside).map_err(|source| StartError::DataDir { path: aside.clone(), source })?;
-            metrics.store_corrupt_moved.inc();
-            tracing::error!(
-                store = %path.display(),
-                moved_to = %aside.display(),
-                problem = %e,
-                "Store file is corrupt; moved it aside and started a fresh store. Records it held were not sent."
-            );
+        Err(e) if e.is_corrupt() && !refuse => {
+            move_aside(&dir, &e)?;
             Ok(open()?)
         }
         Err(e) => Err(e.into()),
@@ -364,12 +390,13 @@ async fn maintain(
         let size = store.file_size();
         let empty = store.stats().map(|st| st.iter().all(|l| l.records == 0)).unwrap_or(false);
         idle_ticks = if empty { idle_ticks + 1 } else { 0 };
-        // Compact after 10 idle seconds, when the file grew since the last compaction.
+        // After 10 idle seconds, when the store grew since the last time, start a fresh
+        // segment so the drained one is deleted.
         if idle_ticks >= 10 && size > compacted_size.max(1024 * 1024) {
             let s = store.clone();
             match tokio::task::spawn_blocking(move || s.compact_if_idle()).await.expect("compact task") {
                 Ok(Some((before, after))) => {
-                    info!(before_bytes = before, after_bytes = after, "Store drained; compacted the file.");
+                    info!(before_bytes = before, after_bytes = after, "Store drained; gave its last segment back.");
                     compacted_size = after;
                 }
                 Ok(None) => {}

@@ -64,10 +64,11 @@ enum StoreCommand {
     /// or inconsistent, 1 when it cannot be read (for example a running gateway has it
     /// open: use its /status instead).
     Check {
-        /// Configuration file (TOML); the store is `<gateway.data_dir>/store.redb`.
+        /// Configuration file (TOML); the store is the folder `<gateway.data_dir>/store`
+        /// (or, not yet moved by a start of this version, the file `store.redb`).
         #[arg(short, long, env = "VOITHER_GATEWAY_CONFIG", conflicts_with = "file")]
         config: Option<PathBuf>,
-        /// A store file to check directly.
+        /// A store folder (or `store.redb` file of an earlier version) to check directly.
         #[arg(long)]
         file: Option<PathBuf>,
     },
@@ -171,7 +172,15 @@ fn store_check(config: Option<PathBuf>, file: Option<PathBuf>) -> ExitCode {
     let path = match (config, file) {
         (_, Some(f)) => f,
         (Some(c), None) => match Config::load(&c, &ProcessEnv) {
-            Ok(cfg) => cfg.gateway.data_dir.join("store.redb"),
+            Ok(cfg) => {
+                let dir = cfg.gateway.data_dir.join("store");
+                let old = cfg.gateway.data_dir.join("store.redb");
+                if !dir.exists() && old.exists() {
+                    old
+                } else {
+                    dir
+                }
+            }
             Err(e) => {
                 eprintln!("voither-gateway: {e}");
                 return ExitCode::from(64);

@@ -619,7 +619,7 @@ mod tests {
                 policy: FullPolicy::DropOldest,
             })
             .collect();
-        let store = Arc::new(Store::open(&dir.path().join("store.redb"), 1 << 20, &lanes, 2 << 20).unwrap());
+        let store = Arc::new(Store::open(&dir.path().join("store"), 1 << 20, &lanes, 2 << 20).unwrap());
         let metrics = Arc::new(Metrics::new());
         let appended = Arc::new(Notify::new());
         let (stop_tx, stop_rx) = watch::channel(false);

@@ -85,8 +85,8 @@ fn corrupt_store_is_refused_when_configured_so_and_left_untouched() {
     let dir = tempfile::tempdir().unwrap();
     let pki = Pki::generate(&dir.path().join("pki"), &["gw-1"]);
     let cfg = gateway_config(dir.path(), &pki, "[store]\non_corrupt = \"refuse\"\n");
-    std::fs::create_dir_all(dir.path().join("data")).unwrap();
-    let store = dir.path().join("data/store.redb");
+    std::fs::create_dir_all(dir.path().join("data/store")).unwrap();
+    let store = dir.path().join("data/store/0000000000000001.seg");
     std::fs::write(&store, junk()).unwrap();
     let out = output_within(
         Command::new(bin("voither-gateway")).args(["run", "--config"]).arg(&cfg),
@@ -94,7 +94,7 @@ fn corrupt_store_is_refused_when_configured_so_and_left_untouched() {
     );
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
-    assert!(err.contains("cannot open store") && err.contains("store.redb"), "{err}");
+    assert!(err.contains("cannot open store") && err.contains("store/0000000000000001.seg"), "{err}");
     assert_eq!(std::fs::read(&store).unwrap(), junk(), "the corrupt file is not touched");
     // `store check` says the same without changing anything.
     let out = output_within(
@@ -102,7 +102,7 @@ fn corrupt_store_is_refused_when_configured_so_and_left_untouched() {
         Duration::from_secs(30),
     );
     assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("store.redb"));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("store/0000000000000001.seg"));
     assert_eq!(std::fs::read(&store).unwrap(), junk());
 }
 
@@ -112,7 +112,8 @@ fn corrupt_store_is_moved_aside_and_a_fresh_one_started() {
     let pki = Pki::generate(&dir.path().join("pki"), &["gw-1"]);
     let data = dir.path().join("gw/data");
     std::fs::create_dir_all(&data).unwrap();
-    std::fs::write(data.join("store.redb"), junk()).unwrap();
+    std::fs::create_dir_all(data.join("store")).unwrap();
+    std::fs::write(data.join("store/0000000000000001.seg"), junk()).unwrap();
     let port = free_tcp_port();
     let mut gw = Gateway::start(
         &dir.path().join("gw"),
@@ -123,10 +124,10 @@ fn corrupt_store_is_moved_aside_and_a_fresh_one_started() {
     let aside: Vec<_> = std::fs::read_dir(&data)
         .unwrap()
         .filter_map(|e| e.ok())
-        .filter(|e| e.file_name().to_string_lossy().starts_with("store.redb.corrupt-"))
+        .filter(|e| e.file_name().to_string_lossy().starts_with("store.corrupt-"))
         .collect();
-    assert_eq!(aside.len(), 1, "the corrupt file is kept under a new name");
-    assert_eq!(std::fs::read(aside[0].path()).unwrap(), junk(), "and never changed");
+    assert_eq!(aside.len(), 1, "the damaged store folder is kept under a new name");
+    assert_eq!(std::fs::read(aside[0].path().join("0000000000000001.seg")).unwrap(), junk(), "and never changed");
     gw.stop();
     let out = output_within(
         Command::new(bin("voither-gateway")).args(["store", "check", "--config"]).arg(&gw.config),

@@ -62,7 +62,7 @@ fn reconnects_after_a_hub_restart_spread_over_the_backoff_window() {
             p = pki.dir.display(),
         );
         let cfg = Config::parse(&text, &gdir.join("gateway.toml")).expect("simulated gateway config");
-        let store = Store::open(&gdir.join("store.redb"), 1 << 20, &cfg.lane_specs(), cfg.store_max_bytes()).unwrap();
+        let store = Store::open(&gdir.join("store"), 1 << 20, &cfg.lane_specs(), cfg.store_max_bytes()).unwrap();
         let u = &cfg.uplink;
         let client = tls::client_config(&u.ca, &u.cert, &u.key, cfg.uplink.keep_alive(), cfg.uplink.idle_timeout())
             .expect("client TLS");
