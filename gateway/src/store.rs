@@ -288,7 +288,7 @@ pub struct Store {
     max_total_bytes: u64,
     inner: Mutex<Inner>,
     /// Holds the folder's lock while the store is open.
-    _lock: File,
+    _lock: Option<File>,
 }
 
 /// What opening the store found and repaired.
@@ -300,18 +300,18 @@ pub struct Recovery {
     pub truncated_bytes: u64,
 }
 
-fn lock_folder(dir: &Path, shared: bool) -> Result<File, StoreError> {
+/// Locks the folder: exclusively to open the store, shared to check it. A folder
+/// without a lock file (never opened by a gateway) needs no shared lock.
+fn lock_folder(dir: &Path, shared: bool) -> Result<Option<File>, StoreError> {
     let path = dir.join("lock");
-    let f = OpenOptions::new()
-        .create(!shared)
-        .truncate(false)
-        .write(!shared)
-        .read(true)
-        .open(&path)
-        .map_err(|e| StoreError::Open { path: dir.into(), message: format!("{}: {e}", path.display()) })?;
+    let f = match OpenOptions::new().create(!shared).truncate(false).write(!shared).read(true).open(&path) {
+        Ok(f) => f,
+        Err(e) if shared && e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(StoreError::Open { path: dir.into(), message: format!("{}: {e}", path.display()) }),
+    };
     let r = if shared { f.try_lock_shared() } else { f.try_lock() };
     match r {
-        Ok(()) => Ok(f),
+        Ok(()) => Ok(Some(f)),
         Err(std::fs::TryLockError::WouldBlock) => Err(StoreError::Open {
             path: dir.into(),
             message: "it is open in another process (a running gateway); stop that first".into(),
@@ -631,6 +631,10 @@ impl Store {
         let plan = |lane: &str, held: &mut BTreeMap<&str, (u64, u64)>, fits: &dyn Fn(u64) -> bool| {
             let l = &g.lanes[lane];
             let (mut bytes, mut through) = held[lane];
+            if fits(bytes) {
+                // The common case: nothing to read from disk.
+                return Ok(());
+            }
             let mut walk = |seq: u64, size: u64| {
                 if fits(bytes) {
                     return false;

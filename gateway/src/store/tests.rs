@@ -625,6 +625,8 @@ fn a_redb_store_of_an_earlier_version_is_moved_over_once() {
     assert_eq!((m.lanes, m.records, m.gaps), (2, 6, 1));
     assert!(!old.exists() && m.old_file.exists(), "the old file is kept under a new name");
     assert_eq!(migrate_redb(&old, &new).unwrap(), None, "done once");
+    let rep = check(&new).unwrap();
+    assert!(rep.problems.is_empty() && rep.lanes.iter().map(|l| l.records).sum::<u64>() == 6, "{rep:?}");
     let s = open(&new, &lanes(), u64::MAX);
     let st = s.stats().unwrap();
     assert_eq!((st[0].next_seq, st[0].records, st[0].oldest_seq, st[0].oldest_ingest_ts_ms), (10, 6, 1, Some(1004)));
