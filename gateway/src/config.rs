@@ -48,6 +48,10 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+/// Most bytes one ingest batch may take (`mqtt.batch_max_messages` ×
+/// (`mqtt.max_payload_bytes` + 1 KiB)): one batch is one store entry.
+pub const MAX_BATCH_BYTES: u64 = 256 << 20;
+
 /// Largest `mqtt.max_payload_bytes`: a record must fit a sync frame with room to spare.
 pub const MAX_PAYLOAD_LIMIT: usize = voither_proto::MAX_FRAME_LEN / 4;
 
@@ -766,6 +770,19 @@ impl Config {
         if self.mqtt.batch_max_messages == 0 || self.mqtt.batch_max_messages > 65_535 {
             return Err(bad("mqtt.batch_max_messages", "must be between 1 and 65535".into()));
         }
+        // One batch is one store entry; with 1 KiB for topic and framing per message it
+        // must stay within the store's entry limit.
+        let batch_bytes = self.mqtt.batch_max_messages as u64 * (self.mqtt.max_payload_bytes as u64 + 1024);
+        if batch_bytes > MAX_BATCH_BYTES {
+            return Err(bad(
+                "mqtt.batch_max_messages",
+                format!(
+                    "{} messages of up to mqtt.max_payload_bytes ({}) can take {batch_bytes} bytes, over the store's \
+                     {MAX_BATCH_BYTES}-byte (256 MiB) limit for one batch",
+                    self.mqtt.batch_max_messages, self.mqtt.max_payload_bytes
+                ),
+            ));
+        }
         if self.uplink.window_batches == 0 || self.uplink.window_batches > 1024 {
             return Err(bad("uplink.window_batches", "must be between 1 and 1024".into()));
         }
@@ -994,6 +1011,7 @@ key = "gw.key"
             ("[workloads]\nmax_line_bytes = 1\n", "workloads.max_line_bytes"),
             ("[workloads]\nruntime = \"docker\"\n", "runtime"),
             ("[store]\nsegment_bytes = 1000\n", "store.segment_bytes"),
+            ("[mqtt]\nmax_payload_bytes = 1048576\nbatch_max_messages = 512\n", "mqtt.batch_max_messages"),
             ("[store]\nsegment_bytes = 2000000000\n", "store.segment_bytes"),
         ];
         for (extra, key) in cases {

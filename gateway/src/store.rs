@@ -563,6 +563,17 @@ impl Store {
         };
         put_evictions(&mut body, &evictions);
         put_mqtt(&mut body, mqtt.len(), mqtt.iter().map(|(p, h)| (p, h)));
+        if body.len() - ENTRY_HEAD > log::MAX_BODY as usize {
+            // Never write what could not be read back (the configuration keeps a batch
+            // well under this).
+            let size = body.len();
+            g.buf = body;
+            return Err(StoreError::Io(format!(
+                "a batch of {} records takes {size} bytes, over the store's {} MiB entry limit; lower mqtt.batch_max_messages",
+                records.len(),
+                log::MAX_BODY >> 20
+            )));
+        }
         let at = g.active_len;
         let written = self.write_entry(g, &mut body, true);
         g.buf = body;
@@ -573,7 +584,12 @@ impl Store {
             l.push(id, at, new[0].0, new.iter().map(|(_, b)| *b));
         }
         g.mqtt.extend(mqtt.iter().copied());
-        let evicted = self.apply(g, &evictions)?;
+        // The entry is durable: the append succeeded even if dropping the evicted
+        // records from memory fails (the front has moved; a later trim finishes it).
+        let evicted = self.apply(g, &evictions).unwrap_or_else(|e| {
+            tracing::error!(error = %e, "Could not drop evicted records from the store's index.");
+            Vec::new()
+        });
         if g.active_len >= self.segment_bytes || g.rotate_failed {
             let next = g.active_id + 1;
             // The append is durable already: a failed rotation (disk full) only
@@ -622,7 +638,6 @@ impl Store {
         let mut held: BTreeMap<&str, (u64, u64)> = g
             .lanes
             .iter()
-            .filter(|(n, _)| self.specs.contains_key(*n))
             .map(|(n, l)| {
                 let new: u64 = added.get(n.as_str()).map_or(0, |v| v.iter().map(|(_, b)| b).sum());
                 (n.as_str(), (l.bytes + new, l.front))
@@ -657,7 +672,7 @@ impl Store {
                     }
                 }
             }
-            *held.get_mut(lane).expect("every configured lane") = (bytes, through);
+            *held.get_mut(lane).expect("every lane is in held") = (bytes, through);
             Ok::<(), StoreError>(())
         };
         for lane in added.keys() {
@@ -669,17 +684,26 @@ impl Store {
         }
         let total = |held: &BTreeMap<&str, (u64, u64)>| held.values().map(|(b, _)| b).sum::<u64>();
         if total(&held) > self.max_total_bytes {
-            let mut order: Vec<&LaneSpec> =
+            // Lanes no longer configured go first (their records would never be sent
+            // until the lane comes back), then drop_oldest lanes, least important first.
+            let mut specs: Vec<&LaneSpec> =
                 self.specs.values().filter(|s| s.policy == FullPolicy::DropOldest).collect();
-            order.sort_by_key(|s| std::cmp::Reverse(s.priority));
-            for spec in order {
+            specs.sort_by_key(|s| std::cmp::Reverse(s.priority));
+            let order: Vec<&str> = g
+                .lanes
+                .keys()
+                .map(String::as_str)
+                .filter(|n| !self.specs.contains_key(*n))
+                .chain(specs.iter().map(|s| s.name.as_str()))
+                .collect();
+            for lane in order {
                 let t = total(&held);
                 if t <= self.max_total_bytes {
                     break;
                 }
-                let other = t - held[spec.name.as_str()].0;
+                let other = t - held[lane].0;
                 let max = self.max_total_bytes;
-                plan(&spec.name, &mut held, &|b| other + b <= max)?;
+                plan(lane, &mut held, &|b| other + b <= max)?;
             }
             let t = total(&held);
             if t > self.max_total_bytes {

@@ -23,8 +23,10 @@ use super::{reason_from, CheckReport, CheckedLane, StoreError};
 
 const LANES: TableDefinition<'_, &str, (u64, u64, u64)> = TableDefinition::new("lanes");
 const MQTT_INFLIGHT: TableDefinition<'_, u16, u64> = TableDefinition::new("mqtt_inflight");
-/// Records per commit entry written by the migration.
+/// Records, and bytes, per commit entry written by the migration (well under the
+/// store's entry limit).
 const MIGRATE_BATCH: usize = 1024;
+const MIGRATE_BATCH_BYTES: usize = 16 << 20;
 
 fn redb_error(path: &Path, e: impl std::fmt::Display) -> StoreError {
     let m = e.to_string();
@@ -180,6 +182,7 @@ fn write_segments(redb_path: &Path, tmp: &Path) -> Result<Migrated, StoreError> 
             Ok(())
         };
         let mut batch_first = expect;
+        let mut batch_bytes = 0usize;
         for row in t.iter().map_err(|x| e(x.into()))? {
             let (k, v) = row.map_err(|x| e(x.into()))?;
             let seq = k.value();
@@ -195,12 +198,14 @@ fn write_segments(redb_path: &Path, tmp: &Path) -> Result<Migrated, StoreError> 
                 seq,
                 message: err.to_string(),
             })?;
+            batch_bytes += v.value().len();
             batch.push((rec.ingest_ts_ms, v.value().to_vec()));
             moved.records += 1;
             expect = seq + 1;
-            if batch.len() == MIGRATE_BATCH {
+            if batch.len() == MIGRATE_BATCH || batch_bytes >= MIGRATE_BATCH_BYTES {
                 flush(&mut batch, batch_first)?;
                 batch_first = expect;
+                batch_bytes = 0;
             }
         }
         flush(&mut batch, batch_first)?;

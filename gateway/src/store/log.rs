@@ -21,7 +21,7 @@ pub(super) const KIND_ACK: u8 = 3;
 pub(super) const KIND_EVICT: u8 = 4;
 /// Largest entry body accepted when reading: a length beyond it is a torn or corrupt
 /// length field, not an allocation to attempt.
-const MAX_BODY: u32 = 256 << 20;
+pub const MAX_BODY: u32 = 256 << 20;
 
 /// CRC-32C (Castagnoli), slicing by eight.
 pub(super) fn crc32c(data: &[u8]) -> u32 {
@@ -444,11 +444,16 @@ pub(super) fn walk_front(
 /// Drops the records of `l` through `seq` from memory: whole chunks, and the front of
 /// a chunk by scanning its segment. Returns records and bytes dropped.
 pub(super) fn trim_front(dir: &Path, l: &mut Lane, lane: &str, seq: u64) -> Result<(u64, u64), StoreError> {
+    // The entry that moves the front is durable already; the counters follow each
+    // record dropped, so an error part way leaves them matching what is held.
+    l.front = l.front.max(seq);
     let (mut n, mut bytes) = (0, 0);
     while let Some(c) = l.chunks.front_mut() {
         if c.last_seq <= seq {
             n += c.records;
             bytes += c.bytes;
+            l.records -= c.records;
+            l.bytes -= c.bytes;
             l.chunks.pop_front();
             continue;
         }
@@ -476,20 +481,20 @@ pub(super) fn trim_front(dir: &Path, l: &mut Lane, lane: &str, seq: u64) -> Resu
                             c.offset = at;
                             break 'scan;
                         }
+                        let size = rec.len() as u64;
                         n += 1;
-                        bytes += rec.len() as u64;
+                        bytes += size;
                         c.records -= 1;
-                        c.bytes -= rec.len() as u64;
+                        c.bytes -= size;
                         c.first_seq = s + 1;
+                        l.records -= 1;
+                        l.bytes -= size;
                     }
                 }
             }
         }
         break;
     }
-    l.records -= n;
-    l.bytes -= bytes;
-    l.front = l.front.max(seq);
     Ok((n, bytes))
 }
 
@@ -524,13 +529,20 @@ pub(super) fn create_segment(
     }
     put_mqtt(&mut buf, mqtt.len(), mqtt.iter());
     seal(&mut buf[head..]);
-    let mut f = OpenOptions::new().create_new(true).append(true).open(&path).map_err(|e| disk(&path, &e))?;
-    let written = f.write_all(&buf).and_then(|()| f.sync_all()).and_then(|()| File::open(dir)?.sync_all());
-    if let Err(e) = written {
-        let _ = std::fs::remove_file(&path);
-        return Err(disk(&path, &e));
+    // A file of this id can only be what an earlier failed creation left: replace it.
+    let written = OpenOptions::new().create(true).truncate(true).write(true).open(&path).and_then(|mut f| {
+        f.write_all(&buf)?;
+        f.sync_all()?;
+        File::open(dir)?.sync_all()?;
+        OpenOptions::new().append(true).open(&path)
+    });
+    match written {
+        Ok(f) => Ok((f, buf.len() as u64)),
+        Err(e) => {
+            let _ = std::fs::remove_file(&path);
+            Err(disk(&path, &e))
+        }
     }
-    Ok((f, buf.len() as u64))
 }
 
 /// Fills in the head (length, CRC) of the entry in `buf` (head first, then body).
@@ -558,7 +570,8 @@ pub(super) struct Replayed {
 /// without a snapshot deleted; without it, the files are only read.
 pub(super) fn replay(dir: &Path, lanes: &[String], repair: bool) -> Result<Replayed, StoreError> {
     let ids = segment_ids(dir)?;
-    let mut out = Replayed { lanes: lanes.iter().map(|l| (l.clone(), Lane::default())).collect(), ..Default::default() };
+    let mut out =
+        Replayed { lanes: lanes.iter().map(|l| (l.clone(), Lane::default())).collect(), ..Default::default() };
     let last = ids.last().copied();
     for &id in &ids {
         let path = seg_path(dir, id);
@@ -569,6 +582,16 @@ pub(super) fn replay(dir: &Path, lanes: &[String], repair: bool) -> Result<Repla
             Ok(())
                 if &head[0..8] == MAGIC && u32::from_le_bytes(head[8..12].try_into().expect("4 bytes")) == FORMAT => {}
             Ok(()) if &head[0..8] == MAGIC => return Err(corrupt(&path, 8, "segment of an unknown format version")),
+            // Zeros where the header should be: the newest segment was being created
+            // when the power went (its size reached the disk, its data did not).
+            Ok(()) if is_last && head.iter().all(|b| *b == 0) => {
+                let len = std::fs::metadata(&path).map_err(|e| disk(&path, &e))?.len();
+                out.torn_bytes += len;
+                if repair {
+                    std::fs::remove_file(&path).map_err(|e| disk(&path, &e))?;
+                }
+                continue;
+            }
             Ok(()) => return Err(corrupt(&path, 0, "not a VOITHER store segment")),
             Err(e) if e.kind() != std::io::ErrorKind::UnexpectedEof => return Err(disk(&path, &e)),
             Err(_) if !is_last => return Err(corrupt(&path, 0, "segment header cut short")),

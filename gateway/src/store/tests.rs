@@ -372,10 +372,18 @@ fn a_segment_cut_while_being_created_is_dropped() {
     let newest = seg_files(dir.path()).pop().unwrap();
     let id = u64::from_str_radix(newest.file_stem().unwrap().to_str().unwrap(), 16).unwrap();
     let full = std::fs::read(&newest).unwrap();
-    // The next segment cut after its header, inside its snapshot, and empty.
-    for cut in [HEADER_LEN as usize, HEADER_LEN as usize + 5, 3, 0] {
+    // The next segment cut after its header, inside its snapshot, empty, and all zeros
+    // (its size reached the disk, its data did not).
+    let zeros = vec![0u8; 4096];
+    for (cut, bytes) in [
+        (HEADER_LEN as usize, &full[..HEADER_LEN as usize]),
+        (HEADER_LEN as usize + 5, &full[..HEADER_LEN as usize + 5]),
+        (3, &full[..3]),
+        (0, &full[..0]),
+        (4096, &zeros[..]),
+    ] {
         let next = seg_path(dir.path(), id + 1);
-        std::fs::write(&next, &full[..cut]).unwrap();
+        std::fs::write(&next, bytes).unwrap();
         let (log, r) = Store::open_with_recovery(dir.path(), 4 << 10, &big_lanes(), u64::MAX).unwrap();
         assert_eq!(r.truncated_bytes, cut as u64, "cut {cut}");
         assert!(!next.exists(), "cut {cut}");
@@ -674,4 +682,37 @@ fn a_damaged_redb_store_is_not_moved_and_is_called_damaged() {
     assert!(err.is_corrupt() && err.to_string().contains("store.redb"), "{err}");
     assert_eq!(std::fs::read(&old).unwrap(), vec![0x5a; 8192]);
     assert!(!dir.path().join("store").exists() && !dir.path().join("store.migrating").exists());
+}
+
+#[test]
+fn a_lane_no_longer_configured_is_kept_then_evicted_first_when_space_is_needed() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("s");
+    let sz = size();
+    {
+        let s = Store::open(&p, 4 << 10, &lanes(), u64::MAX).unwrap();
+        s.append_batch(&(0..30).map(|i| rec("b", i)).collect::<Vec<_>>(), &[]).unwrap();
+    }
+    // Lane b is gone from the configuration: its records stay while there is room.
+    let only_a = vec![spec("a", 1 << 20, FullPolicy::DropOldest)];
+    let s = Store::open(&p, 4 << 10, &only_a, 40 * sz).unwrap();
+    assert!(s.read_from("b", 1, 10, 1 << 20).is_err(), "an unconfigured lane is not read");
+    let app = s.append_batch(&(0..5).map(|i| rec("a", i)).collect::<Vec<_>>(), &[]).unwrap();
+    assert!(app.evicted.is_empty());
+    let segments = s.segments();
+    // Over the store budget: b's records go before any of a's.
+    let app = s.append_batch(&(0..20).map(|i| rec("a", i)).collect::<Vec<_>>(), &[]).unwrap();
+    assert_eq!(app.evicted.len(), 1);
+    let ev = app.evicted[0].clone();
+    assert_eq!((ev.lane.as_str(), ev.from_seq), ("b", 1));
+    assert!((15..=16).contains(&ev.records), "about 15 records of b make room for 20 of a: {ev:?}");
+    assert_eq!(s.stats().unwrap()[0].records, 25, "a lost nothing");
+    assert!(s.segments() < segments + 2, "segments pinned by b are freed as its records go");
+    drop(s);
+    // Configured again, the lane reports the eviction as a gap before what is left.
+    let s = open(&p, &lanes(), u64::MAX);
+    let (recs, gaps) = s.read_from("b", 1, 100, 1 << 20).unwrap();
+    assert_eq!(gaps, vec![Gap { from_seq: 1, through_seq: ev.through_seq, reason: GapReason::Capacity }]);
+    assert_eq!(recs.first().map(|r| r.seq), Some(ev.through_seq + 1));
+    assert_eq!(recs.last().map(|r| r.seq), Some(30));
 }
