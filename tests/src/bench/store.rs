@@ -93,9 +93,15 @@ fn append_rate(
     }
 }
 
+/// `store.segment_bytes` for the store loop: the default, or
+/// `VOITHER_BENCH_SEGMENT_BYTES` to compare sizes.
+fn segment_bytes() -> u64 {
+    std::env::var("VOITHER_BENCH_SEGMENT_BYTES").ok().and_then(|v| v.parse().ok()).unwrap_or(DEFAULT_SEGMENT_BYTES)
+}
+
 /// The segment store at batch size `b` for `dur`, writing in `dir`.
 fn store_rate(b: usize, dur: Duration, dir: &Path) -> Rate {
-    let store = Store::open(dir, DEFAULT_SEGMENT_BYTES, &[lane()], 64 << 30).expect("store opens");
+    let store = Store::open(dir, segment_bytes(), &[lane()], 64 << 30).expect("store opens");
     append_rate(b, dur, |r, m| store.append_batch(r, m))
 }
 
