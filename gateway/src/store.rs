@@ -72,8 +72,8 @@ use voither_proto::{Gap, GapReason, Record, RecordRef};
 
 pub use legacy::{check_redb, migrate_redb, Migrated};
 use log::{
-    apply_evictions, corrupt, create_segment, disk, put_evictions, put_mqtt, put_name, seal, seg_path, trim_front,
-    walk_front, Bad, EvictRange, Lane, Scanner, ENTRY_HEAD, KIND_ACK, KIND_COMMIT, KIND_EVICT,
+    apply_evictions, create_segment, disk, put_evictions, put_mqtt, put_name, seal, seg_path, trim_front, walk_front,
+    EvictRange, Lane, Scanner, ENTRY_HEAD, KIND_ACK, KIND_COMMIT, KIND_EVICT,
 };
 
 /// Acks whose deletes may wait for a later fsync (see invariant 3).
@@ -812,16 +812,7 @@ impl Store {
             let path = seg_path(&self.dir, c.seg);
             let mut sc = Scanner::open(&path, offset).map_err(|e| disk(&path, &e))?;
             while want <= c.last_seq {
-                let at = match sc.next() {
-                    Ok(Some(at)) => at,
-                    Ok(None) => return Err(corrupt(&path, sc.offset, "records of a lane missing from the segment")),
-                    Err(Bad::Io(e)) => return Err(disk(&path, &e)),
-                    Err(Bad::Torn(at, what)) => return Err(corrupt(&path, at, what)),
-                };
-                if sc.body[0] != KIND_COMMIT {
-                    continue;
-                }
-                let commit = log::parse_commit(&sc.body).ok_or_else(|| corrupt(&path, at, "malformed commit"))?;
+                let (at, commit) = sc.next_commit(&path)?;
                 for gr in commit.groups.iter().filter(|gr| gr.lane == lane) {
                     for (i, (_, raw)) in gr.records.iter().enumerate() {
                         let s = gr.first_seq + i as u64;
@@ -1019,8 +1010,10 @@ pub fn check(path: &Path) -> Result<CheckReport, StoreError> {
         for c in &l.chunks {
             let p = seg_path(&dir, c.seg);
             let mut sc = Scanner::open(&p, c.offset).map_err(|e| disk(&p, &e))?;
+            // Entries past the replayed length are a torn tail, reported above.
+            let end = r.segments.iter().find(|(id, _)| *id == c.seg).map_or(u64::MAX, |(_, len)| *len);
             while let Ok(Some(at)) = sc.next() {
-                if at >= r.segments.iter().find(|(id, _)| *id == c.seg).map_or(u64::MAX, |(_, len)| *len) {
+                if at >= end {
                     break;
                 }
                 if sc.body[0] != KIND_COMMIT {

@@ -116,6 +116,23 @@ impl Scanner {
         Ok(Scanner { r, offset, len, body: Vec::new() })
     }
 
+    /// The next commit entry, skipping other kinds: its offset and contents. The end of
+    /// the file is an error here: callers look for records an index says are there.
+    pub fn next_commit(&mut self, path: &Path) -> Result<(u64, Commit<'_>), StoreError> {
+        loop {
+            let at = match self.next() {
+                Ok(Some(at)) => at,
+                Ok(None) => return Err(corrupt(path, self.offset, "records of a lane missing from the segment")),
+                Err(Bad::Io(e)) => return Err(disk(path, &e)),
+                Err(Bad::Torn(at, what)) => return Err(corrupt(path, at, what)),
+            };
+            if self.body[0] == KIND_COMMIT {
+                let commit = parse_commit(&self.body).ok_or_else(|| corrupt(path, at, "malformed commit"))?;
+                return Ok((at, commit));
+            }
+        }
+    }
+
     /// The next entry: its offset, and its body in `self.body`.
     pub fn next(&mut self) -> Result<Option<u64>, Bad> {
         let at = self.offset;
@@ -414,16 +431,7 @@ pub(super) fn walk_front(
         let mut sc = Scanner::open(&path, c.offset).map_err(|e| disk(&path, &e))?;
         let mut next = c.first_seq;
         while next <= c.last_seq {
-            let at = match sc.next() {
-                Ok(Some(at)) => at,
-                Ok(None) => return Err(corrupt(&path, sc.offset, "records of a lane missing from the segment")),
-                Err(Bad::Io(e)) => return Err(disk(&path, &e)),
-                Err(Bad::Torn(at, what)) => return Err(corrupt(&path, at, what)),
-            };
-            if sc.body[0] != KIND_COMMIT {
-                continue;
-            }
-            let commit = parse_commit(&sc.body).ok_or_else(|| corrupt(&path, at, "malformed commit"))?;
+            let (_, commit) = sc.next_commit(&path)?;
             for g in commit.groups.iter().filter(|g| g.lane == lane) {
                 for (i, (ts, rec)) in g.records.iter().enumerate() {
                     let seq = g.first_seq + i as u64;
@@ -461,16 +469,7 @@ pub(super) fn trim_front(dir: &Path, l: &mut Lane, lane: &str, seq: u64) -> Resu
             let path = seg_path(dir, c.seg);
             let mut sc = Scanner::open(&path, c.offset).map_err(|e| disk(&path, &e))?;
             'scan: loop {
-                let at = match sc.next() {
-                    Ok(Some(at)) => at,
-                    Ok(None) => return Err(corrupt(&path, sc.offset, "records of a lane missing from the segment")),
-                    Err(Bad::Io(e)) => return Err(disk(&path, &e)),
-                    Err(Bad::Torn(at, what)) => return Err(corrupt(&path, at, what)),
-                };
-                if sc.body[0] != KIND_COMMIT {
-                    continue;
-                }
-                let commit = parse_commit(&sc.body).ok_or_else(|| corrupt(&path, at, "malformed commit"))?;
+                let (at, commit) = sc.next_commit(&path)?;
                 for g in commit.groups.iter().filter(|g| g.lane == lane) {
                     for (i, (_, rec)) in g.records.iter().enumerate() {
                         let s = g.first_seq + i as u64;
@@ -578,32 +577,26 @@ pub(super) fn replay(dir: &Path, lanes: &[String], repair: bool) -> Result<Repla
         let is_last = Some(id) == last;
         let mut head = [0u8; HEADER_LEN as usize];
         let header = File::open(&path).and_then(|mut f| f.read_exact(&mut head));
-        match header {
+        let being_created = match header {
             Ok(())
-                if &head[0..8] == MAGIC && u32::from_le_bytes(head[8..12].try_into().expect("4 bytes")) == FORMAT => {}
+                if &head[0..8] == MAGIC && u32::from_le_bytes(head[8..12].try_into().expect("4 bytes")) == FORMAT =>
+            {
+                false
+            }
             Ok(()) if &head[0..8] == MAGIC => return Err(corrupt(&path, 8, "segment of an unknown format version")),
             // Zeros where the header should be: the newest segment was being created
             // when the power went (its size reached the disk, its data did not).
-            Ok(()) if is_last && head.iter().all(|b| *b == 0) => {
-                let len = std::fs::metadata(&path).map_err(|e| disk(&path, &e))?.len();
-                out.torn_bytes += len;
-                if repair {
-                    std::fs::remove_file(&path).map_err(|e| disk(&path, &e))?;
-                }
-                continue;
-            }
+            Ok(()) if is_last && head.iter().all(|b| *b == 0) => true,
             Ok(()) => return Err(corrupt(&path, 0, "not a VOITHER store segment")),
             Err(e) if e.kind() != std::io::ErrorKind::UnexpectedEof => return Err(disk(&path, &e)),
             Err(_) if !is_last => return Err(corrupt(&path, 0, "segment header cut short")),
-            Err(_) => {
-                // The newest segment was being created when the process stopped.
-                let len = std::fs::metadata(&path).map_err(|e| disk(&path, &e))?.len();
-                out.torn_bytes += len;
-                if repair {
-                    std::fs::remove_file(&path).map_err(|e| disk(&path, &e))?;
-                }
-                continue;
-            }
+            // The newest segment was being created when the process stopped.
+            Err(_) => true,
+        };
+        if being_created {
+            let len = std::fs::metadata(&path).map_err(|e| disk(&path, &e))?.len();
+            drop_unfinished(&path, len, repair, &mut out.torn_bytes)?;
+            continue;
         }
         let mut sc = Scanner::open(&path, HEADER_LEN).map_err(|e| disk(&path, &e))?;
         let mut first = true;
@@ -675,10 +668,7 @@ pub(super) fn replay(dir: &Path, lanes: &[String], repair: bool) -> Result<Repla
             if !is_last {
                 return Err(corrupt(&path, HEADER_LEN, "segment without a snapshot"));
             }
-            out.torn_bytes += sc.len;
-            if repair {
-                std::fs::remove_file(&path).map_err(|e| disk(&path, &e))?;
-            }
+            drop_unfinished(&path, sc.len, repair, &mut out.torn_bytes)?;
             continue;
         }
         if end < sc.len {
@@ -699,6 +689,16 @@ pub(super) fn replay(dir: &Path, lanes: &[String], repair: bool) -> Result<Repla
         trim_front(dir, l, &name, front)?;
     }
     Ok(out)
+}
+
+/// A newest segment that was being created holds nothing acknowledged: its `len`
+/// bytes count as torn, and with `repair` the file goes.
+fn drop_unfinished(path: &Path, len: u64, repair: bool, torn: &mut u64) -> Result<(), StoreError> {
+    *torn += len;
+    if repair {
+        std::fs::remove_file(path).map_err(|e| disk(path, &e))?;
+    }
+    Ok(())
 }
 
 /// Applies evicted ranges (gaps in memory; the records' front moves past them). The
