@@ -6,9 +6,15 @@
 //!
 //! | table | key | value |
 //! |---|---|---|
-//! | `records` | `(gateway, lane, seq)` | the record in CBOR |
+//! | `blocks` | `(gateway, lane, first_seq)` | the records of one batch, each in CBOR, one after another |
+//! | `counts` | `(gateway, lane)` | records stored |
 //! | `gaps` | `(gateway, lane, from_seq)` | `(through_seq, reason)` |
 //! | `marks` | `(gateway, lane)` | high-water mark |
+//! | `records` | `(gateway, lane, seq)` | a record in CBOR: the layout before blocks, moved into `blocks` when the sink opens |
+//!
+//! A block holds what one store request brought that was above the mark: one B-tree
+//! insert per batch instead of one per record. Blocks of a lane never overlap (marks
+//! only grow), so their keys sort the records in seq order.
 //!
 //! # Invariants
 //!
@@ -27,6 +33,8 @@ use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinitio
 use voither_proto::{GapReason, Record, StoreRequest};
 
 const RECORDS: TableDefinition<'_, (&str, &str, u64), &[u8]> = TableDefinition::new("records");
+const BLOCKS: TableDefinition<'_, (&str, &str, u64), &[u8]> = TableDefinition::new("blocks");
+const COUNTS: TableDefinition<'_, (&str, &str), u64> = TableDefinition::new("counts");
 const GAPS: TableDefinition<'_, (&str, &str, u64), (u64, u8)> = TableDefinition::new("gaps");
 const MARKS: TableDefinition<'_, (&str, &str), u64> = TableDefinition::new("marks");
 
@@ -82,6 +90,10 @@ impl SinkError {
 
 /// Most session commits folded into one transaction.
 pub const MAX_GROUP: usize = 1024;
+
+/// Most rows of the earlier layout moved into one block per transaction when the sink
+/// opens.
+const MIGRATE_ROWS: usize = 1024;
 
 type CommitReply = (Vec<StoreRequest>, Result<CommitStats, SinkError>);
 
@@ -451,10 +463,68 @@ impl Sink {
             .map_err(|e| SinkError::Open { path: path.into(), source: Box::new(e) })?;
         let txn = db.begin_write()?;
         txn.open_table(RECORDS)?;
+        txn.open_table(BLOCKS)?;
+        txn.open_table(COUNTS)?;
         txn.open_table(GAPS)?;
         txn.open_table(MARKS)?;
         txn.commit()?;
-        Ok(Self { db, path: path.into() })
+        let sink = Self { db, path: path.into() };
+        sink.move_rows_into_blocks()?;
+        Ok(sink)
+    }
+
+    /// Moves records of the earlier layout (a row per record) into blocks, up to
+    /// [`MIGRATE_ROWS`] rows per transaction: a crash part way leaves every record in
+    /// exactly one of the two tables, and the next open goes on.
+    fn move_rows_into_blocks(&self) -> Result<(), SinkError> {
+        let mut moved = 0u64;
+        loop {
+            let mut txn = self.db.begin_write()?;
+            txn.set_durability(Durability::Immediate)?;
+            let n = {
+                let mut records = txn.open_table(RECORDS)?;
+                let mut blocks = txn.open_table(BLOCKS)?;
+                let mut counts = txn.open_table(COUNTS)?;
+                // The first rows, all of the first row's lane.
+                let mut lane: Option<(String, String, u64)> = None;
+                let mut block = Vec::new();
+                let mut last = 0u64;
+                let mut n = 0u64;
+                for row in records.iter()? {
+                    let (k, v) = row?;
+                    let (g, l, seq) = k.value();
+                    match &lane {
+                        None => lane = Some((g.to_owned(), l.to_owned(), seq)),
+                        Some((lg, ll, _)) if lg != g || ll != l => break,
+                        Some(_) => {}
+                    }
+                    if n as usize == MIGRATE_ROWS {
+                        break;
+                    }
+                    block.extend_from_slice(v.value());
+                    last = seq;
+                    n += 1;
+                }
+                if let Some((g, l, first)) = &lane {
+                    let (g, l) = (g.as_str(), l.as_str());
+                    blocks.insert((g, l, *first), block.as_slice())?;
+                    let c = counts.get((g, l))?.map_or(0, |v| v.value());
+                    counts.insert((g, l), c + n)?;
+                    records.retain_in((g, l, *first)..=(g, l, last), |_, _| false)?;
+                }
+                n
+            };
+            if n == 0 {
+                txn.abort()?;
+                break;
+            }
+            txn.commit()?;
+            moved += n;
+        }
+        if moved > 0 {
+            tracing::info!(records = moved, sink = %self.path.display(), "Moved records of the earlier sink layout into blocks.");
+        }
+        Ok(())
     }
 
     /// Path of the sink file.
@@ -488,26 +558,39 @@ impl Sink {
         let mut txn = self.db.begin_write()?;
         txn.set_durability(Durability::Immediate)?;
         {
-            let mut records = txn.open_table(RECORDS)?;
+            let mut blocks = txn.open_table(BLOCKS)?;
+            let mut counts = txn.open_table(COUNTS)?;
             let mut gaps = txn.open_table(GAPS)?;
             let mut marks = txn.open_table(MARKS)?;
-            let mut buf = Vec::new();
+            let mut block = Vec::new();
             for (gateway, reqs) in items {
                 let gateway = *gateway;
                 let mut stats = CommitStats::default();
                 for req in *reqs {
                     let lane = req.lane.as_str();
                     let mark = marks.get((gateway, lane))?.map_or(0, |v| v.value());
+                    block.clear();
+                    let mut first = None;
+                    let mut n = 0u64;
+                    // Only seqs above the mark and above the record before: a block
+                    // holds its records in seq order, each once.
+                    let mut floor = mark;
                     for r in &req.records {
-                        if r.seq <= mark {
+                        if r.seq <= floor {
                             stats.duplicates += 1;
                             continue;
                         }
-                        buf.clear();
-                        minicbor::encode(r, &mut buf).expect("encoding into a Vec is infallible");
-                        records.insert((gateway, lane, r.seq), buf.as_slice())?;
-                        stats.records += 1;
+                        floor = r.seq;
+                        first.get_or_insert(r.seq);
+                        minicbor::encode(r, &mut block).expect("encoding into a Vec is infallible");
+                        n += 1;
                         stats.bytes += r.payload.len() as u64;
+                    }
+                    if let Some(first) = first {
+                        blocks.insert((gateway, lane, first), block.as_slice())?;
+                        let c = counts.get((gateway, lane))?.map_or(0, |v| v.value());
+                        counts.insert((gateway, lane), c + n)?;
+                        stats.records += n;
                     }
                     for g in &req.gaps {
                         if g.through_seq <= mark {
@@ -538,33 +621,38 @@ impl Sink {
         mut f: impl FnMut(ExportRow) -> bool,
     ) -> Result<(), SinkError> {
         let txn = self.db.begin_read()?;
-        let records = txn.open_table(RECORDS)?;
+        let blocks = txn.open_table(BLOCKS)?;
         let gaps = txn.open_table(GAPS)?;
         let keep = |g: &str, l: &str| gateway.is_none_or(|x| x == g) && lane.is_none_or(|x| x == l);
-        for row in records.iter()? {
+        for row in blocks.iter()? {
             let (k, v) = row?;
-            let (g, l, seq) = k.value();
+            let (g, l, first) = k.value();
             if !keep(g, l) {
                 continue;
             }
-            let r: Record = minicbor::decode(v.value()).map_err(|e| SinkError::Corrupt {
-                gateway: g.into(),
-                lane: l.into(),
-                seq,
-                message: e.to_string(),
-            })?;
-            let row = ExportRow::Record {
-                gateway: g.into(),
-                lane: l.into(),
-                seq,
-                ingest_ts_ms: r.ingest_ts_ms,
-                source: r.source,
-                content_type: r.content_type,
-                payload: base64::engine::general_purpose::STANDARD.encode(r.payload.as_slice()),
-                decoded: DecodedFrame::from_payload(r.payload.as_slice()),
-            };
-            if !f(row) {
-                return Ok(());
+            let bytes = v.value();
+            let mut d = minicbor::Decoder::new(bytes);
+            while d.position() < bytes.len() {
+                let at = d.position();
+                let r: Record = d.decode().map_err(|e| SinkError::Corrupt {
+                    gateway: g.into(),
+                    lane: l.into(),
+                    seq: first,
+                    message: format!("in the block that starts at this seq, at byte {at}: {e}"),
+                })?;
+                let row = ExportRow::Record {
+                    gateway: g.into(),
+                    lane: l.into(),
+                    seq: r.seq,
+                    ingest_ts_ms: r.ingest_ts_ms,
+                    source: r.source,
+                    content_type: r.content_type,
+                    payload: base64::engine::general_purpose::STANDARD.encode(r.payload.as_slice()),
+                    decoded: DecodedFrame::from_payload(r.payload.as_slice()),
+                };
+                if !f(row) {
+                    return Ok(());
+                }
             }
         }
         for row in gaps.iter()? {
@@ -592,7 +680,11 @@ impl Sink {
     pub fn count(&self) -> Result<u64, SinkError> {
         use redb::ReadableTableMetadata;
         let txn = self.db.begin_read()?;
-        Ok(txn.open_table(RECORDS)?.len()?)
+        let mut n = txn.open_table(RECORDS)?.len()?;
+        for row in txn.open_table(COUNTS)?.iter()? {
+            n += row?.1.value();
+        }
+        Ok(n)
     }
 }
 
@@ -725,6 +817,116 @@ mod tests {
             assert!(row.get("decoded").is_none(), "not a frame, so no decoded field: {row}");
             assert_eq!(row["kind"], "record");
         }
+    }
+
+    fn exported(s: &Sink) -> Vec<serde_json::Value> {
+        let mut rows = Vec::new();
+        s.export(None, None, |r| {
+            rows.push(serde_json::to_value(&r).unwrap());
+            true
+        })
+        .unwrap();
+        rows
+    }
+
+    #[test]
+    fn a_sink_of_the_row_per_record_layout_is_moved_into_blocks_when_opened() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("sink.redb");
+        {
+            // What an earlier hub wrote: a row per record, and the marks.
+            let db = Database::create(&p).unwrap();
+            let txn = db.begin_write().unwrap();
+            {
+                let mut t = txn.open_table(RECORDS).unwrap();
+                let mut buf = Vec::new();
+                for (lane, n) in [("a", 2500u64), ("b", 3)] {
+                    for seq in 1..=n {
+                        buf.clear();
+                        minicbor::encode(rec(seq), &mut buf).unwrap();
+                        t.insert(("gw", lane, seq), buf.as_slice()).unwrap();
+                    }
+                }
+                let mut m = txn.open_table(MARKS).unwrap();
+                m.insert(("gw", "a"), 2500).unwrap();
+                m.insert(("gw", "b"), 3).unwrap();
+            }
+            txn.commit().unwrap();
+        }
+        let s = Sink::open(&p, 1 << 20).unwrap();
+        assert_eq!(s.count().unwrap(), 2503);
+        {
+            use redb::ReadableTableMetadata;
+            let txn = s.db.begin_read().unwrap();
+            assert_eq!(txn.open_table(RECORDS).unwrap().len().unwrap(), 0, "every row moved");
+            // 2500 rows of lane a in blocks of at most MIGRATE_ROWS, then lane b.
+            assert_eq!(txn.open_table(BLOCKS).unwrap().len().unwrap(), 4);
+        }
+        let rows = exported(&s);
+        let seqs: Vec<(String, u64)> =
+            rows.iter().map(|r| (r["lane"].as_str().unwrap().to_owned(), r["seq"].as_u64().unwrap())).collect();
+        let want: Vec<(String, u64)> =
+            (1..=2500).map(|q| ("a".to_owned(), q)).chain((1..=3).map(|q| ("b".to_owned(), q))).collect();
+        assert_eq!(seqs, want);
+        assert_eq!(rows[2502]["payload"], "AwMDAw==", "seq 3 of lane b: four bytes of 3");
+        // New batches go on from the marks, after the moved records.
+        let req =
+            StoreRequest { lane: "a".into(), records: vec![rec(2500), rec(2501)], gaps: vec![], through_seq: 2501 };
+        let st = s.commit("gw", &[req]).unwrap();
+        assert_eq!((st.records, st.duplicates), (1, 1));
+        drop(s);
+        let s = Sink::open(&p, 1 << 20).unwrap();
+        assert_eq!(s.count().unwrap(), 2504);
+        assert_eq!(exported(&s)[2500]["seq"], 2501);
+    }
+
+    #[test]
+    fn a_block_keeps_its_records_in_seq_order_each_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Sink::open(&dir.path().join("sink.redb"), 1 << 20).unwrap();
+        // Out of order and repeated within one request: only what rises is stored.
+        let req = StoreRequest {
+            lane: "a".into(),
+            records: vec![rec(1), rec(3), rec(2), rec(3), rec(4)],
+            gaps: vec![],
+            through_seq: 4,
+        };
+        let st = s.commit("gw", &[req]).unwrap();
+        assert_eq!((st.records, st.duplicates), (3, 2));
+        let seqs: Vec<u64> = exported(&s).iter().map(|r| r["seq"].as_u64().unwrap()).collect();
+        assert_eq!(seqs, vec![1, 3, 4]);
+        assert_eq!(s.count().unwrap(), 3);
+    }
+
+    #[test]
+    fn a_damaged_block_is_an_error_naming_its_lane_and_seq() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Sink::open(&dir.path().join("sink.redb"), 1 << 20).unwrap();
+        s.commit(
+            "gw",
+            &[StoreRequest { lane: "a".into(), records: vec![rec(7), rec(8)], gaps: vec![], through_seq: 8 }],
+        )
+        .unwrap();
+        {
+            let txn = s.db.begin_write().unwrap();
+            {
+                let mut t = txn.open_table(BLOCKS).unwrap();
+                let mut v = t.get(("gw", "a", 7)).unwrap().unwrap().value().to_vec();
+                v.truncate(v.len() - 3);
+                t.insert(("gw", "a", 7), v.as_slice()).unwrap();
+            }
+            txn.commit().unwrap();
+        }
+        let mut rows = 0;
+        let e = s
+            .export(None, None, |_| {
+                rows += 1;
+                true
+            })
+            .unwrap_err()
+            .to_string();
+        assert_eq!(rows, 1, "the record before the damage is exported");
+        assert!(e.contains("gw/a/7") && e.contains("in the block"), "{e}");
     }
 
     #[test]
