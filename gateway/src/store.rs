@@ -73,7 +73,7 @@ use voither_proto::{Gap, GapReason, Record, RecordRef};
 pub use legacy::{check_redb, migrate_redb, Migrated};
 use log::{
     apply_evictions, create_segment, disk, put_evictions, put_mqtt, put_name, seal, seg_path, trim_front, walk_front,
-    EvictRange, Lane, Scanner, ENTRY_HEAD, KIND_ACK, KIND_COMMIT, KIND_EVICT,
+    EvictRange, Lane, ReadMark, Scanner, ENTRY_HEAD, KIND_ACK, KIND_COMMIT, KIND_EVICT,
 };
 
 /// Acks whose deletes may wait for a later fsync (see invariant 3).
@@ -801,6 +801,7 @@ impl Store {
         let mut want = from_seq.max(l.front + 1);
         let start = l.chunks.partition_point(|c| c.last_seq < want);
         let mut cursor = None;
+        let mut marks = Vec::new();
         'chunks: for c in l.chunks.iter().skip(start) {
             if out.len() + gaps.len() >= max_records {
                 break;
@@ -811,6 +812,7 @@ impl Store {
             };
             let path = seg_path(&self.dir, c.seg);
             let mut sc = Scanner::open(&path, offset).map_err(|e| disk(&path, &e))?;
+            let mut mark = ReadMark { seg: c.seg, first: want, through: 0, records: 0, bytes: 0, resume_at: 0 };
             while want <= c.last_seq {
                 let (at, commit) = sc.next_commit(&path)?;
                 for gr in commit.groups.iter().filter(|gr| gr.lane == lane) {
@@ -821,6 +823,7 @@ impl Store {
                         }
                         if out.len() + gaps.len() >= max_records || (bytes >= max_bytes && !out.is_empty()) {
                             cursor = Some((s, c.seg, at));
+                            marks.push(ReadMark { resume_at: at, ..mark });
                             break 'chunks;
                         }
                         let rec: Record = minicbor::decode(raw).map_err(|e| StoreError::Corrupt {
@@ -831,9 +834,20 @@ impl Store {
                         bytes += raw.len();
                         out.push(rec);
                         want = s + 1;
+                        if mark.records == 0 {
+                            mark.first = s;
+                        }
+                        mark.through = s;
+                        mark.records += 1;
+                        mark.bytes += raw.len() as u64;
                     }
                 }
             }
+            // The chunk is read to its end: what is appended to it comes after here.
+            marks.push(ReadMark { resume_at: sc.offset, ..mark });
+        }
+        for m in marks {
+            l.mark_read(m);
         }
         l.read_cursor = cursor;
         Ok((out, gaps))

@@ -350,6 +350,27 @@ pub(super) struct Lane {
     pub gaps: BTreeMap<u64, (u64, GapReason)>,
     /// Where the last read stopped: (next seq, segment, entry offset).
     pub read_cursor: Option<(u64, u64, u64)>,
+    /// What reads found of the records ahead of the front, oldest first, so that acks
+    /// of what was read move the front without reading those records again.
+    pub read_marks: VecDeque<ReadMark>,
+}
+
+/// Most [`ReadMark`]s a lane keeps: reads run ahead of acks by the uplink's window of
+/// batches. When full, the oldest goes, and an ack of its records scans for them.
+pub(super) const MAX_READ_MARKS: usize = 1024;
+
+/// What one read found of one chunk: the lane's records `first..=through` of segment
+/// `seg`, their number and bytes, and `resume_at`, the offset of the entry holding
+/// `through + 1` (or, if none was written yet, where the read left the segment).
+/// Records do not change once written, so a mark stays true while its records are held.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct ReadMark {
+    pub seg: u64,
+    pub first: u64,
+    pub through: u64,
+    pub records: u64,
+    pub bytes: u64,
+    pub resume_at: u64,
 }
 
 impl Default for Lane {
@@ -364,11 +385,27 @@ impl Default for Lane {
             chunks: VecDeque::new(),
             gaps: BTreeMap::new(),
             read_cursor: None,
+            read_marks: VecDeque::new(),
         }
     }
 }
 
 impl Lane {
+    /// Keeps what a read found of one chunk (see [`ReadMark`]). Marks stay in seq
+    /// order: a read that goes back (a resend after a reconnect) starts them afresh.
+    pub fn mark_read(&mut self, m: ReadMark) {
+        if m.records == 0 {
+            return;
+        }
+        if self.read_marks.back().is_some_and(|b| b.through >= m.first) {
+            self.read_marks.clear();
+        }
+        if self.read_marks.len() == MAX_READ_MARKS {
+            self.read_marks.pop_front();
+        }
+        self.read_marks.push_back(m);
+    }
+
     /// Records `records` (first seq `first_seq`) of the entry at `at` of segment `seg`.
     pub fn push(&mut self, seg: u64, at: u64, first_seq: u64, sizes: impl Iterator<Item = u64>) {
         let (mut n, mut bytes) = (0u64, 0u64);
@@ -466,6 +503,30 @@ pub(super) fn trim_front(dir: &Path, l: &mut Lane, lane: &str, seq: u64) -> Resu
             continue;
         }
         if c.first_seq <= seq {
+            // Marks of records no longer held, or of a part of them, are of no use.
+            while l.read_marks.front().is_some_and(|m| m.seg < c.seg || (m.seg == c.seg && m.first < c.first_seq)) {
+                l.read_marks.pop_front();
+            }
+            if let Some(m) = l.read_marks.front().copied().filter(|m| {
+                m.seg == c.seg
+                    && m.first == c.first_seq
+                    && m.through <= seq
+                    && m.through < c.last_seq
+                    && m.records < c.records
+                    && m.bytes <= c.bytes
+            }) {
+                // A read found these records: drop them without reading them again.
+                l.read_marks.pop_front();
+                n += m.records;
+                bytes += m.bytes;
+                c.records -= m.records;
+                c.bytes -= m.bytes;
+                c.first_seq = m.through + 1;
+                c.offset = m.resume_at;
+                l.records -= m.records;
+                l.bytes -= m.bytes;
+                continue;
+            }
             let path = seg_path(dir, c.seg);
             let mut sc = Scanner::open(&path, c.offset).map_err(|e| disk(&path, &e))?;
             'scan: loop {
