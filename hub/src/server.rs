@@ -12,7 +12,8 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 use voither_proto::{
-    encode_frame, error_code, ErrorFrame, Frame, FrameDecoder, HubEvent, HubInfo, HubSession, MAX_FRAME_LEN,
+    encode_frame, error_code, ErrorFrame, Frame, FrameDecoder, HubEvent, HubInfo, HubSession, StoreRequest,
+    MAX_FRAME_LEN,
 };
 
 use crate::metrics::Metrics;
@@ -296,6 +297,64 @@ async fn handle(hub: Arc<Hub>, conn: quinn::Connection, remote: SocketAddr, shut
     }
 }
 
+/// Most store requests a session holds while a commit runs: reads stop there, and QUIC
+/// flow control holds the gateway back until the commit ends. A gateway keeps its own
+/// window of batches in flight well under this.
+const MAX_PENDING_BATCHES: usize = 64;
+
+/// Most payload bytes a session holds while a commit runs (see [`MAX_PENDING_BATCHES`]).
+const MAX_PENDING_BYTES: usize = 64 * 1024 * 1024;
+
+type CommitDone = Result<(Vec<StoreRequest>, Duration), ConnError>;
+
+/// Commits `pending` durably, retrying while the sink is unavailable (the gateway keeps
+/// its records and its window meanwhile, nothing is lost), and counts what it stored.
+/// Returns the requests, to ack, and the backoff to carry on with.
+async fn commit_pending(
+    hub: &Hub,
+    gw: &str,
+    conn: &quinn::Connection,
+    mut shutdown: watch::Receiver<bool>,
+    mut pending: Vec<StoreRequest>,
+    mut backoff: Duration,
+) -> CommitDone {
+    let started = tokio::time::Instant::now();
+    let span = tracing::info_span!(
+        "sink_commit",
+        gateway = %gw,
+        batches = pending.len(),
+        records = pending.iter().map(|r| r.records.len()).sum::<usize>()
+    );
+    let (reqs, stats) = loop {
+        let (reqs, r) = tracing::Instrument::instrument(hub.sink.commit(gw, pending), span.clone()).await;
+        match r {
+            Err(e) if e.is_transient() => {
+                pending = reqs;
+                sink_unavailable(hub, gw, &e, &mut backoff, conn, &mut shutdown).await?;
+            }
+            r => break (reqs, r),
+        }
+    };
+    sink_available(hub, &mut backoff);
+    let stats = stats?;
+    hub.metrics.commit_seconds.observe(started.elapsed().as_secs_f64());
+    hub.metrics.stored_records.inc_by(stats.records);
+    hub.metrics.stored_bytes.inc_by(stats.bytes);
+    hub.metrics.duplicate_records.inc_by(stats.duplicates);
+    hub.metrics.gaps.inc_by(stats.gaps);
+    hub.metrics.gap_records.inc_by(stats.gap_records);
+    if let Some(e) = hub.fleet.lock().expect("fleet lock").get_mut(gw) {
+        e.stored_records += stats.records;
+        e.last_seen_ms = unix_ms();
+    }
+    failpoint_after_commit(&hub.commits);
+    Ok((reqs, backoff))
+}
+
+/// One gateway's session. Reading goes on while a commit runs: what arrives meanwhile is
+/// committed together in the next one, so the sink's fsync and the decoding overlap.
+/// One commit at a time, so acks leave in order and each commit sees the marks of the
+/// one before.
 async fn session(
     hub: &Hub,
     conn: &quinn::Connection,
@@ -320,10 +379,47 @@ async fn session(
     let mut backoff = SINK_RETRY_MIN;
     let mut manifest_tick = tokio::time::interval(Duration::from_secs(2));
     manifest_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut pending: Vec<StoreRequest> = Vec::new();
+    let mut pending_bytes = 0usize;
+    let mut committing: Option<std::pin::Pin<Box<dyn std::future::Future<Output = CommitDone> + Send + '_>>> = None;
+    // A bad frame or the end of the stream: what came before it is still committed and
+    // acked, then the session ends with this.
+    let mut ending: Option<ConnError> = None;
     loop {
-        let n = tokio::select! {
+        let can_read = ending.is_none() && pending.len() < MAX_PENDING_BATCHES && pending_bytes < MAX_PENDING_BYTES;
+        tokio::select! {
             _ = shutdown.changed() => return Err(ConnError::Shutdown),
-            r = recv.read(&mut buf) => r?,
+            done = async { committing.as_mut().expect("guarded by is_some").await }, if committing.is_some() => {
+                committing = None;
+                let (reqs, b) = done?;
+                backoff = b;
+                for r in reqs {
+                    sess.stored(&r.lane, r.through_seq);
+                }
+            }
+            r = recv.read(&mut buf), if can_read => {
+                match r? {
+                    Some(n) => {
+                        dec.push(&buf[..n]);
+                        let mut frames = Vec::new();
+                        let decoded = loop {
+                            match dec.next_frame() {
+                                Ok(Some(f)) => frames.push(f),
+                                Ok(None) => break Ok(()),
+                                Err(e) => break Err(e),
+                            }
+                        };
+                        ending = decoded.err().map(ConnError::from);
+                        for f in frames {
+                            if let Err(e) = sess.handle_frame(f) {
+                                ending = Some(e.into());
+                                break;
+                            }
+                        }
+                    }
+                    None => ending = Some(dec.finish().err().map_or(ConnError::Closed, ConnError::from)),
+                }
+            }
             _ = auth_changed.changed() => {
                 hub.auth.check(gw, cert_der).map_err(ConnError::Forbidden)?;
                 continue;
@@ -332,37 +428,10 @@ async fn session(
                 if let Some(s) = newer_manifest(hub, gw, gateway_manifest.max(sent_manifest)).await {
                     sent_manifest = s.version;
                     sess.send_manifest(s.signed);
-                    out.clear();
-                    while let Some(f) = sess.poll_transmit() {
-                        encode_frame(&f, &mut out, MAX_FRAME_LEN).expect("manifests are under the frame limit");
-                    }
-                    send.write_all(&out).await?;
                 }
-                continue;
-            }
-        };
-        let Some(n) = n else {
-            dec.finish()?;
-            return Err(ConnError::Closed);
-        };
-        dec.push(&buf[..n]);
-        let mut frames = Vec::new();
-        let decoded = loop {
-            match dec.next_frame() {
-                Ok(Some(f)) => frames.push(f),
-                Ok(None) => break Ok(()),
-                Err(e) => break Err(e),
-            }
-        };
-        let mut failure: Option<ConnError> = decoded.err().map(ConnError::from);
-        for f in frames {
-            if let Err(e) = sess.handle_frame(f) {
-                failure = Some(e.into());
-                break;
             }
         }
-        // Events: Hello → marks; Store → one commit for everything pending.
-        let mut pending = Vec::new();
+        // Events: Hello → marks; Store → pending, for the next commit.
         while let Some(ev) = sess.poll_event() {
             match ev {
                 HubEvent::Hello(h) => {
@@ -393,7 +462,10 @@ async fn session(
                         sess.send_manifest(s.signed);
                     }
                 }
-                HubEvent::Store(req) => pending.push(req),
+                HubEvent::Store(req) => {
+                    pending_bytes += req.records.iter().map(|r| r.payload.len()).sum::<usize>();
+                    pending.push(req);
+                }
                 HubEvent::FetchArtifact(f) => {
                     let catalog = hub.catalog.clone();
                     let chunk = tokio::task::spawn_blocking(move || catalog.chunk(&f.sha256, f.offset, f.max_len))
@@ -423,55 +495,29 @@ async fn session(
         if failpoint() == Some(Failpoint::HoldAcks) {
             pending.clear();
         }
-        if !pending.is_empty() {
-            let started = tokio::time::Instant::now();
-            let span = tracing::info_span!(
-                "sink_commit",
-                gateway = %gw,
-                batches = pending.len(),
-                records = pending.iter().map(|r| r.records.len()).sum::<usize>()
-            );
-            // An unavailable sink (a database restarting) is retried while the acks
-            // wait: the gateway keeps its records and its window, nothing is lost.
-            let (reqs, stats) = loop {
-                let (reqs, r) = tracing::Instrument::instrument(hub.sink.commit(gw, pending), span.clone()).await;
-                match r {
-                    Err(e) if e.is_transient() => {
-                        pending = reqs;
-                        sink_unavailable(hub, gw, &e, &mut backoff, conn, &mut shutdown).await?;
-                    }
-                    r => break (reqs, r),
-                }
-            };
-            sink_available(hub, &mut backoff);
-            let stats = stats?;
-            hub.metrics.commit_seconds.observe(started.elapsed().as_secs_f64());
-            hub.metrics.stored_records.inc_by(stats.records);
-            hub.metrics.stored_bytes.inc_by(stats.bytes);
-            hub.metrics.duplicate_records.inc_by(stats.duplicates);
-            hub.metrics.gaps.inc_by(stats.gaps);
-            hub.metrics.gap_records.inc_by(stats.gap_records);
-            if let Some(e) = hub.fleet.lock().expect("fleet lock").get_mut(gw) {
-                e.stored_records += stats.records;
-                e.last_seen_ms = unix_ms();
-            }
-            failpoint_after_commit(&hub.commits);
-            for r in reqs {
-                sess.stored(&r.lane, r.through_seq);
-            }
+        if committing.is_none() && !pending.is_empty() {
+            pending_bytes = 0;
+            committing =
+                Some(Box::pin(commit_pending(hub, gw, conn, shutdown.clone(), std::mem::take(&mut pending), backoff)));
         }
         out.clear();
         while let Some(f) = sess.poll_transmit() {
             encode_frame(&f, &mut out, MAX_FRAME_LEN).expect("hub frames are small");
         }
-        if let Some(e) = failure {
-            let frame = Frame::Error(ErrorFrame { code: e.code(), reason: e.to_string() });
-            let _ = encode_frame(&frame, &mut out, MAX_FRAME_LEN);
-            let _ = send.write_all(&out).await;
-            let _ = send.finish();
-            // Give the error frame a moment to leave before the connection closes.
-            let _ = tokio::time::timeout(Duration::from_millis(200), send.stopped()).await;
-            return Err(e);
+        if committing.is_none() {
+            if let Some(e) = ending.take() {
+                if matches!(e, ConnError::Closed) {
+                    let _ = send.write_all(&out).await;
+                    return Err(e);
+                }
+                let frame = Frame::Error(ErrorFrame { code: e.code(), reason: e.to_string() });
+                let _ = encode_frame(&frame, &mut out, MAX_FRAME_LEN);
+                let _ = send.write_all(&out).await;
+                let _ = send.finish();
+                // Give the error frame a moment to leave before the connection closes.
+                let _ = tokio::time::timeout(Duration::from_millis(200), send.stopped()).await;
+                return Err(e);
+            }
         }
         if !out.is_empty() {
             send.write_all(&out).await?;

@@ -176,3 +176,61 @@ fn malformed_and_oversized_frames_close_the_stream_and_nothing_else() {
     });
     assert!(matches!(raw::frames(&got).first(), Some(Frame::Welcome(w)) if w.gateway_id == "gw-1"));
 }
+
+/// A batch and a bad frame in one write: the hub reads on while it commits, and still
+/// stores and acks the batch before it answers the bad frame with an Error frame.
+#[test]
+fn a_batch_before_a_bad_frame_is_stored_and_acked_first() {
+    use voither_proto::{Batch, LaneCursor, Record};
+    let s = setup();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let _guard = rt.enter();
+    let ep = raw::endpoint(&s.pki.dir.join("ca.pem"), Some((&s.pki.dir.join("gw-1.pem"), &s.pki.dir.join("gw-1.key"))));
+    let mut hello = Vec::new();
+    let f = Frame::Hello(Hello {
+        protocol_version: PROTOCOL_VERSION,
+        agent_version: "raw".into(),
+        boot_id: 1,
+        lanes: vec![LaneCursor { lane: "x".into(), oldest_unacked: 1, next_seq: 4 }],
+        capabilities: vec![],
+        manifest_version: None,
+    });
+    encode_frame(&f, &mut hello, MAX_FRAME_LEN).unwrap();
+    let mut out = Vec::new();
+    let records = (1..=3)
+        .map(|seq| Record {
+            seq,
+            ingest_ts_ms: 5,
+            source: "raw".into(),
+            content_type: None,
+            payload: vec![1; 8].into(),
+        })
+        .collect();
+    let batch = Frame::Batch(Batch { lane: "x".into(), batch_id: 1, records, gaps: vec![] });
+    encode_frame(&batch, &mut out, MAX_FRAME_LEN).unwrap();
+    out.extend_from_slice(&5u32.to_be_bytes());
+    out.extend_from_slice(&[0xff, 0x13, 0x37, 0x00, 0x99]);
+    let got = rt.block_on(async {
+        let conn = ep.connect(s.hub.addr, "voither-hub").unwrap().await.unwrap();
+        let (mut send, mut recv) = conn.open_bi().await.unwrap();
+        send.write_all(&hello).await.unwrap();
+        // The Welcome first: batches come after it.
+        let mut got = Vec::new();
+        let mut buf = vec![0u8; 64 * 1024];
+        while raw::frames(&got).is_empty() {
+            let n = recv.read(&mut buf).await.unwrap().expect("a Welcome");
+            got.extend_from_slice(&buf[..n]);
+        }
+        send.write_all(&out).await.unwrap();
+        while let Ok(Some(n)) = recv.read(&mut buf).await {
+            got.extend_from_slice(&buf[..n]);
+        }
+        got
+    });
+    let frames = raw::frames(&got);
+    assert!(matches!(frames.first(), Some(Frame::Welcome(_))), "{frames:?}");
+    let ack = frames.iter().position(|f| matches!(f, Frame::Ack(a) if a.lane == "x" && a.through_seq == 3));
+    let error = frames.iter().position(|f| matches!(f, Frame::Error(e) if e.code == error_code::FRAME));
+    assert!(matches!((ack, error), (Some(a), Some(e)) if a < e), "ack of seq 3, then the error: {frames:?}");
+    assert_eq!(s.hub.metric("voither_hub_stored_records_total"), Some(3.0));
+}

@@ -216,6 +216,18 @@ pub fn run(o: &Opts, rt: &tokio::runtime::Runtime, ceiling: bool, drain: bool, r
             c >= n as f64
         })
         .unwrap_or_else(|| panic!("the hub did not store {n} records\n{}\n{}", gw.log_tail(), hub.log_tail()));
+        // How many sink commits the drain took and how long they ran.
+        if std::env::var_os("VOITHER_BENCH_DUMP").is_some() {
+            for (who, a) in [("hub", hub_admin), ("gw", gw.admin)] {
+                if let Ok((_, body)) = voither_tests::procs::http_get(a, "/metrics") {
+                    for l in
+                        body.lines().filter(|l| !l.starts_with('#') && (l.contains("seconds") || l.contains("commit")))
+                    {
+                        eprintln!("[dump {who}] {l}");
+                    }
+                }
+            }
+        }
         let gcpu = watch.now().cpu_s - gcpu0;
         let hcpu = super::sample(hpid).unwrap_or_default().cpu_s - hcpu0;
         let secs = (end - ready).as_secs_f64();
