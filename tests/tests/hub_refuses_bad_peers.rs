@@ -9,12 +9,17 @@ use voither_tests::procs::{wait_for, Gateway, GatewayOpts, Hub, Pki};
 use voither_tests::raw;
 
 fn hello() -> Vec<u8> {
+    hello_with(vec![])
+}
+
+/// A Hello frame announcing `lanes`.
+fn hello_with(lanes: Vec<voither_proto::LaneCursor>) -> Vec<u8> {
     let mut out = Vec::new();
     let f = Frame::Hello(Hello {
         protocol_version: PROTOCOL_VERSION,
         agent_version: "raw".into(),
         boot_id: 1,
-        lanes: vec![],
+        lanes,
         capabilities: vec![],
         manifest_version: None,
     });
@@ -35,6 +40,16 @@ fn setup() -> Setup {
     let other = Pki::generate(&dir.path().join("other"), &["gw-1"]);
     let hub = Hub::start(&dir.path().join("hub"), &pki, "hub-1");
     Setup { dir, pki, other, hub }
+}
+
+impl Setup {
+    /// A client endpoint with gw-1's certificate (call inside a runtime).
+    fn gw1(&self) -> quinn::Endpoint {
+        raw::endpoint(
+            &self.pki.dir.join("ca.pem"),
+            Some((&self.pki.dir.join("gw-1.pem"), &self.pki.dir.join("gw-1.key"))),
+        )
+    }
 }
 
 #[test]
@@ -103,7 +118,7 @@ fn malformed_and_oversized_frames_close_the_stream_and_nothing_else() {
     let s = setup();
     let rt = tokio::runtime::Runtime::new().unwrap();
     let _guard = rt.enter();
-    let ep = raw::endpoint(&s.pki.dir.join("ca.pem"), Some((&s.pki.dir.join("gw-1.pem"), &s.pki.dir.join("gw-1.key"))));
+    let ep = s.gw1();
 
     // Garbage where a frame should be.
     let mut garbage = 5u32.to_be_bytes().to_vec();
@@ -185,17 +200,8 @@ fn a_batch_before_a_bad_frame_is_stored_and_acked_first() {
     let s = setup();
     let rt = tokio::runtime::Runtime::new().unwrap();
     let _guard = rt.enter();
-    let ep = raw::endpoint(&s.pki.dir.join("ca.pem"), Some((&s.pki.dir.join("gw-1.pem"), &s.pki.dir.join("gw-1.key"))));
-    let mut hello = Vec::new();
-    let f = Frame::Hello(Hello {
-        protocol_version: PROTOCOL_VERSION,
-        agent_version: "raw".into(),
-        boot_id: 1,
-        lanes: vec![LaneCursor { lane: "x".into(), oldest_unacked: 1, next_seq: 4 }],
-        capabilities: vec![],
-        manifest_version: None,
-    });
-    encode_frame(&f, &mut hello, MAX_FRAME_LEN).unwrap();
+    let ep = s.gw1();
+    let hello = hello_with(vec![LaneCursor { lane: "x".into(), oldest_unacked: 1, next_seq: 4 }]);
     let mut out = Vec::new();
     let records = (1..=3)
         .map(|seq| Record {
