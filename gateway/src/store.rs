@@ -800,19 +800,19 @@ impl Store {
         let mut bytes = 0usize;
         let mut want = from_seq.max(l.front + 1);
         let start = l.chunks.partition_point(|c| c.last_seq < want);
-        let mut cursor = None;
         let mut marks = Vec::new();
         'chunks: for c in l.chunks.iter().skip(start) {
             if out.len() + gaps.len() >= max_records {
                 break;
             }
-            let offset = match l.read_cursor {
-                Some((next, seg, off)) if next == want && seg == c.seg && want > c.first_seq => off,
+            // Where the last read of this chunk stopped, if this read goes on from there.
+            let offset = match l.read_marks.back() {
+                Some(m) if m.seg == c.seg && m.through + 1 == want && want > c.first_seq => m.resume_at,
                 _ => c.offset,
             };
             let path = seg_path(&self.dir, c.seg);
             let mut sc = Scanner::open(&path, offset).map_err(|e| disk(&path, &e))?;
-            let mut mark = ReadMark { seg: c.seg, first: want, through: 0, records: 0, bytes: 0, resume_at: 0 };
+            let mut mark = ReadMark { seg: c.seg, first: 0, through: 0, records: 0, bytes: 0, resume_at: 0 };
             while want <= c.last_seq {
                 let (at, commit) = sc.next_commit(&path)?;
                 for gr in commit.groups.iter().filter(|gr| gr.lane == lane) {
@@ -822,7 +822,6 @@ impl Store {
                             continue;
                         }
                         if out.len() + gaps.len() >= max_records || (bytes >= max_bytes && !out.is_empty()) {
-                            cursor = Some((s, c.seg, at));
                             marks.push(ReadMark { resume_at: at, ..mark });
                             break 'chunks;
                         }
@@ -849,7 +848,6 @@ impl Store {
         for m in marks {
             l.mark_read(m);
         }
-        l.read_cursor = cursor;
         Ok((out, gaps))
     }
 

@@ -348,10 +348,9 @@ pub(super) struct Lane {
     pub chunks: VecDeque<Chunk>,
     /// Evicted ranges not yet acknowledged: first seq -> (last seq, reason).
     pub gaps: BTreeMap<u64, (u64, GapReason)>,
-    /// Where the last read stopped: (next seq, segment, entry offset).
-    pub read_cursor: Option<(u64, u64, u64)>,
-    /// What reads found of the records ahead of the front, oldest first, so that acks
-    /// of what was read move the front without reading those records again.
+    /// What reads found of the records ahead of the front, oldest first: acks of what
+    /// was read move the front without reading those records again, and the next read
+    /// goes on from where the newest one stopped.
     pub read_marks: VecDeque<ReadMark>,
 }
 
@@ -384,7 +383,6 @@ impl Default for Lane {
             bytes: 0,
             chunks: VecDeque::new(),
             gaps: BTreeMap::new(),
-            read_cursor: None,
             read_marks: VecDeque::new(),
         }
     }
