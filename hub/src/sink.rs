@@ -676,11 +676,10 @@ impl Sink {
         Ok(())
     }
 
-    /// Number of stored records.
+    /// Number of stored records (every record is in a block once the sink is open).
     pub fn count(&self) -> Result<u64, SinkError> {
-        use redb::ReadableTableMetadata;
         let txn = self.db.begin_read()?;
-        let mut n = txn.open_table(RECORDS)?.len()?;
+        let mut n = 0;
         for row in txn.open_table(COUNTS)?.iter()? {
             n += row?.1.value();
         }
