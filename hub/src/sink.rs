@@ -454,6 +454,20 @@ fn reason_name(c: u8) -> &'static str {
     }
 }
 
+/// Writes the block of `n` records that starts at `key` and adds them to the lane's count.
+fn put_block(
+    blocks: &mut redb::Table<'_, (&'static str, &'static str, u64), &'static [u8]>,
+    counts: &mut redb::Table<'_, (&'static str, &'static str), u64>,
+    key: (&str, &str, u64),
+    block: &[u8],
+    n: u64,
+) -> Result<(), SinkError> {
+    blocks.insert(key, block)?;
+    let c = counts.get((key.0, key.1))?.map_or(0, |v| v.value());
+    counts.insert((key.0, key.1), c + n)?;
+    Ok(())
+}
+
 impl Sink {
     /// Opens (or creates) the sink file.
     pub fn open(path: &Path, cache_bytes: usize) -> Result<Self, SinkError> {
@@ -507,9 +521,7 @@ impl Sink {
                 }
                 if let Some((g, l, first)) = &lane {
                     let (g, l) = (g.as_str(), l.as_str());
-                    blocks.insert((g, l, *first), block.as_slice())?;
-                    let c = counts.get((g, l))?.map_or(0, |v| v.value());
-                    counts.insert((g, l), c + n)?;
+                    put_block(&mut blocks, &mut counts, (g, l, *first), &block, n)?;
                     records.retain_in((g, l, *first)..=(g, l, last), |_, _| false)?;
                 }
                 n
@@ -587,9 +599,7 @@ impl Sink {
                         stats.bytes += r.payload.len() as u64;
                     }
                     if let Some(first) = first {
-                        blocks.insert((gateway, lane, first), block.as_slice())?;
-                        let c = counts.get((gateway, lane))?.map_or(0, |v| v.value());
-                        counts.insert((gateway, lane), c + n)?;
+                        put_block(&mut blocks, &mut counts, (gateway, lane, first), &block, n)?;
                         stats.records += n;
                     }
                     for g in &req.gaps {
