@@ -725,7 +725,22 @@ fn acks_of_what_was_read_keep_the_counters_a_recount_finds() {
     use rand::{rngs::StdRng, SeedableRng};
     let dir = tempfile::tempdir().unwrap();
     let lanes = big_lanes();
-    let reopen = || Store::open_with_recovery(dir.path(), 4 << 10, &lanes, u64::MAX).unwrap().0;
+    // Another test of this process may be starting a child right now: between its fork
+    // and its exec the child shares our lock file's description, so the lock we just
+    // dropped can look held for that moment. Only that error is tried again.
+    let reopen = || {
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+        while tokio::time::Instant::now() < deadline {
+            match Store::open_with_recovery(dir.path(), 4 << 10, &lanes, u64::MAX) {
+                Ok((s, _)) => return s,
+                Err(StoreError::Open { message, .. }) if message.contains("another process") => {
+                    std::thread::yield_now()
+                }
+                Err(e) => panic!("reopen: {e}"),
+            }
+        }
+        panic!("the store's lock stayed held for 5 s after the store was dropped");
+    };
     let mut rng = StdRng::seed_from_u64(0x5eed);
     let mut s = reopen();
     let names = ["a", "b"];
