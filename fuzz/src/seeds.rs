@@ -32,7 +32,7 @@ fn main() {
     let batch = Frame::Batch(Batch {
         lane: "a".into(),
         batch_id: 1,
-        records: vec![rec(4), rec(5)],
+        records: vec![rec(4), rec(5)].into(),
         gaps: vec![Gap { from_seq: 6, through_seq: 8, reason: GapReason::Ttl }],
     });
     let ack = Frame::Ack(Ack { lane: "a".into(), through_seq: 5, rejected_batch: None });

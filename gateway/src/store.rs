@@ -68,7 +68,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use voither_proto::{Gap, GapReason, Record, RecordRef};
+use voither_proto::{Gap, GapReason, Record, RecordRef, Records};
 
 pub use legacy::{check_redb, migrate_redb, Migrated};
 use log::{
@@ -780,7 +780,7 @@ impl Store {
         from_seq: u64,
         max_records: usize,
         max_bytes: usize,
-    ) -> Result<(Vec<Record>, Vec<Gap>), StoreError> {
+    ) -> Result<(Records, Vec<Gap>), StoreError> {
         let mut g = self.inner.lock().expect("store lock");
         let l = g.lanes.get_mut(lane).filter(|_| self.specs.contains_key(lane));
         let l = l.ok_or_else(|| StoreError::UnknownLane(lane.into()))?;
@@ -796,7 +796,7 @@ impl Store {
             })
             .collect();
         gaps.truncate(max_records);
-        let mut out = Vec::new();
+        let mut out = Records::default();
         let mut bytes = 0usize;
         let mut want = from_seq.max(l.front + 1);
         let start = l.chunks.partition_point(|c| c.last_seq < want);
@@ -825,13 +825,22 @@ impl Store {
                             marks.push(ReadMark { resume_at: at, ..mark });
                             break 'chunks;
                         }
-                        let rec: Record = minicbor::decode(raw).map_err(|e| StoreError::Corrupt {
-                            lane: lane.into(),
-                            seq: s,
-                            message: e.to_string(),
-                        })?;
+                        // The bytes go to the hub as they are: check that they are the
+                        // record of this seq.
+                        match out.push_raw(raw) {
+                            Ok(got) if got == s => {}
+                            r => {
+                                return Err(StoreError::Corrupt {
+                                    lane: lane.into(),
+                                    seq: s,
+                                    message: match r {
+                                        Ok(got) => format!("the entry holds seq {got}"),
+                                        Err(e) => e.to_string(),
+                                    },
+                                })
+                            }
+                        }
                         bytes += raw.len();
-                        out.push(rec);
                         want = s + 1;
                         if mark.records == 0 {
                             mark.first = s;

@@ -585,9 +585,9 @@ impl Uplink {
                 })
                 .await
                 .expect("read task")?;
-                let first = records.first().map(|r| r.seq).into_iter().chain(gaps.iter().map(|g| g.from_seq)).min();
-                let last = records.last().map(|r| r.seq).into_iter().chain(gaps.iter().map(|g| g.through_seq)).max();
-                let bytes: usize = records.iter().map(|r| r.payload.len()).sum();
+                let first = records.first_seq().into_iter().chain(gaps.iter().map(|g| g.from_seq)).min();
+                let last = records.last_seq().into_iter().chain(gaps.iter().map(|g| g.through_seq)).max();
+                let bytes = records.payload_bytes();
                 let n = records.len();
                 sess.send_batch(origin.elapsed(), &slot.lane, records, gaps)?;
                 if let (Some(first), Some(last)) = (first, last) {

@@ -493,7 +493,7 @@ impl PgSink {
                 let lane = req.lane.as_str();
                 let key = (gateway.to_owned(), lane.to_owned());
                 let mark = marks.get(&key).copied().unwrap_or(0);
-                for r in &req.records {
+                for r in req.records.iter() {
                     if r.seq <= mark {
                         stats[i].duplicates += 1;
                         continue;
@@ -503,9 +503,9 @@ impl PgSink {
                     r_lane.push(lane);
                     r_seq.push(to_i64(r.seq, "seq")?);
                     r_ms.push(to_i64(r.ingest_ts_ms, "ingest time")?);
-                    r_src.push(r.source.as_str());
-                    r_ct.push(r.content_type.as_deref());
-                    r_pay.push(r.payload.as_slice());
+                    r_src.push(r.source);
+                    r_ct.push(r.content_type);
+                    r_pay.push(r.payload);
                 }
                 for g in &req.gaps {
                     if g.through_seq <= mark {

@@ -463,7 +463,7 @@ async fn session(
                     }
                 }
                 HubEvent::Store(req) => {
-                    pending_bytes += req.records.iter().map(|r| r.payload.len()).sum::<usize>();
+                    pending_bytes += req.records.payload_bytes();
                     pending.push(req);
                 }
                 HubEvent::FetchArtifact(f) => {

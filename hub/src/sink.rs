@@ -587,19 +587,30 @@ impl Sink {
                     // Only seqs above the mark and above the record before: a block
                     // holds its records in seq order, each once.
                     let mut floor = mark;
-                    for r in &req.records {
-                        if r.seq <= floor {
-                            stats.duplicates += 1;
-                            continue;
+                    // The records' CBOR goes in as it came (the decoder checked it).
+                    let recs = &req.records;
+                    let all_new = recs.first_seq().is_some_and(|s| s > mark) && recs.strictly_increasing();
+                    if all_new {
+                        first = recs.first_seq();
+                        n = recs.len() as u64;
+                        stats.bytes += recs.payload_bytes() as u64;
+                    } else {
+                        for i in 0..recs.len() {
+                            let seq = recs.seq(i);
+                            if seq <= floor {
+                                stats.duplicates += 1;
+                                continue;
+                            }
+                            floor = seq;
+                            first.get_or_insert(seq);
+                            block.extend_from_slice(recs.raw(i));
+                            n += 1;
+                            stats.bytes += recs.payload_len(i) as u64;
                         }
-                        floor = r.seq;
-                        first.get_or_insert(r.seq);
-                        minicbor::encode(r, &mut block).expect("encoding into a Vec is infallible");
-                        n += 1;
-                        stats.bytes += r.payload.len() as u64;
                     }
                     if let Some(first) = first {
-                        put_block(&mut blocks, &mut counts, (gateway, lane, first), &block, n)?;
+                        let bytes = if all_new { recs.as_bytes() } else { &block };
+                        put_block(&mut blocks, &mut counts, (gateway, lane, first), bytes, n)?;
                         stats.records += n;
                     }
                     for g in &req.gaps {
@@ -710,10 +721,12 @@ mod tests {
     fn a_group_commit_applies_items_in_order_against_the_marks_before_them() {
         let dir = tempfile::tempdir().unwrap();
         let s = Sink::open(&dir.path().join("sink.redb"), 1 << 20).unwrap();
-        let first = [StoreRequest { lane: "a".into(), records: vec![rec(1), rec(2)], gaps: vec![], through_seq: 2 }];
+        let first =
+            [StoreRequest { lane: "a".into(), records: vec![rec(1), rec(2)].into(), gaps: vec![], through_seq: 2 }];
         // A second session of the same gateway resending 2 with 3, in the same group.
-        let second = [StoreRequest { lane: "a".into(), records: vec![rec(2), rec(3)], gaps: vec![], through_seq: 3 }];
-        let other = [StoreRequest { lane: "a".into(), records: vec![rec(1)], gaps: vec![], through_seq: 1 }];
+        let second =
+            [StoreRequest { lane: "a".into(), records: vec![rec(2), rec(3)].into(), gaps: vec![], through_seq: 3 }];
+        let other = [StoreRequest { lane: "a".into(), records: vec![rec(1)].into(), gaps: vec![], through_seq: 1 }];
         let stats = s.commit_group(&[("gw", &first), ("gw", &second), ("gw-2", &other)]).unwrap();
         let got: Vec<(u64, u64)> = stats.iter().map(|st| (st.records, st.duplicates)).collect();
         assert_eq!(got, vec![(2, 0), (1, 1), (1, 0)]);
@@ -755,14 +768,15 @@ mod tests {
         let p = dir.path().join("sink.redb");
         {
             let s = Sink::open(&p, 1 << 20).unwrap();
-            let req = StoreRequest { lane: "a".into(), records: vec![rec(1), rec(2)], gaps: vec![], through_seq: 2 };
+            let req =
+                StoreRequest { lane: "a".into(), records: vec![rec(1), rec(2)].into(), gaps: vec![], through_seq: 2 };
             assert_eq!(s.commit("gw", std::slice::from_ref(&req)).unwrap().records, 2);
             let again = s.commit("gw", &[req]).unwrap();
             assert_eq!((again.records, again.duplicates), (0, 2));
             let gap = Gap { from_seq: 3, through_seq: 9, reason: GapReason::Ttl };
             s.commit(
                 "gw",
-                &[StoreRequest { lane: "a".into(), records: vec![rec(10)], gaps: vec![gap], through_seq: 10 }],
+                &[StoreRequest { lane: "a".into(), records: vec![rec(10)].into(), gaps: vec![gap], through_seq: 10 }],
             )
             .unwrap();
         }
@@ -801,7 +815,8 @@ mod tests {
             vec![record(1, &buf[..len]), record(2, b"VSIM not a frame"), record(3, &buf[..len - 1]), record(4, b"")];
         let dir = tempfile::tempdir().unwrap();
         let s = Sink::open(&dir.path().join("sink.redb"), 1 << 20).unwrap();
-        s.commit("gw", &[StoreRequest { lane: "a".into(), records, gaps: vec![], through_seq: 4 }]).unwrap();
+        s.commit("gw", &[StoreRequest { lane: "a".into(), records: records.into(), gaps: vec![], through_seq: 4 }])
+            .unwrap();
         let mut rows = Vec::new();
         s.export(None, None, |r| {
             rows.push(serde_json::to_value(&r).unwrap());
@@ -879,8 +894,12 @@ mod tests {
         assert_eq!(seqs, want);
         assert_eq!(rows[2502]["payload"], "AwMDAw==", "seq 3 of lane b: four bytes of 3");
         // New batches go on from the marks, after the moved records.
-        let req =
-            StoreRequest { lane: "a".into(), records: vec![rec(2500), rec(2501)], gaps: vec![], through_seq: 2501 };
+        let req = StoreRequest {
+            lane: "a".into(),
+            records: vec![rec(2500), rec(2501)].into(),
+            gaps: vec![],
+            through_seq: 2501,
+        };
         let st = s.commit("gw", &[req]).unwrap();
         assert_eq!((st.records, st.duplicates), (1, 1));
         drop(s);
@@ -896,7 +915,7 @@ mod tests {
         // Out of order and repeated within one request: only what rises is stored.
         let req = StoreRequest {
             lane: "a".into(),
-            records: vec![rec(1), rec(3), rec(2), rec(3), rec(4)],
+            records: vec![rec(1), rec(3), rec(2), rec(3), rec(4)].into(),
             gaps: vec![],
             through_seq: 4,
         };
@@ -913,7 +932,7 @@ mod tests {
         let s = Sink::open(&dir.path().join("sink.redb"), 1 << 20).unwrap();
         s.commit(
             "gw",
-            &[StoreRequest { lane: "a".into(), records: vec![rec(7), rec(8)], gaps: vec![], through_seq: 8 }],
+            &[StoreRequest { lane: "a".into(), records: vec![rec(7), rec(8)].into(), gaps: vec![], through_seq: 8 }],
         )
         .unwrap();
         {

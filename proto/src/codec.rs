@@ -157,7 +157,8 @@ mod tests {
                 source: "devices/1/t".into(),
                 content_type: None,
                 payload: vec![1, 2, 3].into(),
-            }],
+            }]
+            .into(),
             gaps: vec![Gap { from_seq: 2, through_seq: 5, reason: GapReason::Ttl }],
         })
     }

@@ -6,6 +6,7 @@
 use minicbor::bytes::ByteVec;
 use minicbor::{Decode, Encode};
 
+pub use crate::records::Records;
 use crate::workload::{ArtifactChunk, FetchArtifact, SignedManifest, WorkloadState};
 
 /// One frame on the sync stream.
@@ -154,8 +155,9 @@ pub struct Record {
 }
 
 /// A [`Record`] made of borrowed parts: it encodes to the same bytes, so a store can
-/// encode what it was given without copying the payload first.
-#[derive(Debug, Clone, Copy, Encode)]
+/// encode what it was given without copying the payload first, and decoding one checks
+/// a record without allocating.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Encode, Decode)]
 pub struct RecordRef<'a> {
     /// See [`Record::seq`].
     #[n(0)]
@@ -164,17 +166,41 @@ pub struct RecordRef<'a> {
     #[n(1)]
     pub ingest_ts_ms: u64,
     /// See [`Record::source`].
-    #[n(2)]
+    #[b(2)]
     pub source: &'a str,
     /// See [`Record::content_type`].
-    #[n(3)]
+    #[b(3)]
     pub content_type: Option<&'a str>,
     /// See [`Record::payload`].
-    #[cbor(n(4), with = "minicbor::bytes")]
+    #[cbor(b(4), with = "minicbor::bytes")]
     pub payload: &'a [u8],
 }
 
+impl RecordRef<'_> {
+    /// The record with its parts copied.
+    pub fn to_owned(self) -> Record {
+        Record {
+            seq: self.seq,
+            ingest_ts_ms: self.ingest_ts_ms,
+            source: self.source.to_owned(),
+            content_type: self.content_type.map(str::to_owned),
+            payload: self.payload.to_vec().into(),
+        }
+    }
+}
+
 impl Record {
+    /// The record's parts, borrowed.
+    pub fn as_ref(&self) -> RecordRef<'_> {
+        RecordRef {
+            seq: self.seq,
+            ingest_ts_ms: self.ingest_ts_ms,
+            source: &self.source,
+            content_type: self.content_type.as_deref(),
+            payload: &self.payload,
+        }
+    }
+
     /// Bytes this record takes on the wire, roughly (payload plus metadata).
     pub fn approx_size(&self) -> usize {
         self.payload.len() + self.source.len() + self.content_type.as_ref().map_or(0, String::len) + 24
@@ -228,7 +254,7 @@ pub struct Batch {
     pub batch_id: u64,
     /// Records, strictly increasing seq.
     #[n(2)]
-    pub records: Vec<Record>,
+    pub records: Records,
     /// Evicted ranges, increasing, not overlapping records.
     #[n(3)]
     pub gaps: Vec<Gap>,
@@ -237,14 +263,14 @@ pub struct Batch {
 impl Batch {
     /// Highest seq covered by the batch (record or gap), 0 if empty.
     pub fn last_seq(&self) -> u64 {
-        let r = self.records.last().map_or(0, |r| r.seq);
+        let r = self.records.last_seq().unwrap_or(0);
         let g = self.gaps.iter().map(|g| g.through_seq).max().unwrap_or(0);
         r.max(g)
     }
 
     /// Lowest seq covered by the batch (record or gap), 0 if empty.
     pub fn first_seq(&self) -> u64 {
-        let r = self.records.first().map(|r| r.seq);
+        let r = self.records.first_seq();
         let g = self.gaps.iter().map(|g| g.from_seq).min();
         match (r, g) {
             (Some(a), Some(b)) => a.min(b),

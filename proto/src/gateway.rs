@@ -280,12 +280,12 @@ impl GatewaySession {
         &mut self,
         now: Duration,
         lane: &str,
-        records: Vec<Record>,
+        records: Records,
         gaps: Vec<Gap>,
     ) -> Result<(), ProtoError> {
         let l =
             self.lanes.get_mut(lane).ok_or(ProtoError::InvalidBatch { lane: lane.into(), reason: "unknown lane" })?;
-        if records.windows(2).any(|w| w[0].seq >= w[1].seq) {
+        if !records.strictly_increasing() {
             return Err(ProtoError::InvalidBatch { lane: lane.into(), reason: "records not strictly increasing" });
         }
         if records.is_empty() && gaps.is_empty() {

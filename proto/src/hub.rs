@@ -42,7 +42,7 @@ pub struct StoreRequest {
     /// Lane name.
     pub lane: String,
     /// Records to store, continuing the mark, strictly increasing.
-    pub records: Vec<Record>,
+    pub records: Records,
     /// Gaps to record.
     pub gaps: Vec<Gap>,
     /// The lane's mark once this is committed.
@@ -191,7 +191,7 @@ impl HubSession {
     }
 
     fn on_batch(&mut self, b: Batch) -> Result<(), ProtoError> {
-        if b.records.windows(2).any(|w| w[0].seq >= w[1].seq) || b.records.first().is_some_and(|r| r.seq == 0) {
+        if !b.records.strictly_increasing() || b.records.first_seq() == Some(0) {
             return Err(ProtoError::InvalidBatch { lane: b.lane, reason: "records not strictly increasing from 1" });
         }
         if b.gaps.iter().any(|g| g.from_seq == 0 || g.from_seq > g.through_seq) {
@@ -209,17 +209,18 @@ impl HubSession {
         };
         // Merge records and gaps in seq order and keep what continues the mark.
         let mut mark_now = mark;
-        let mut records = Vec::new();
+        // Indices of the records kept.
+        let mut keep = Vec::new();
         let mut gaps = Vec::new();
         let mut gi = b.gaps.into_iter().peekable();
-        let mut ri = b.records.into_iter().peekable();
+        let mut ri = 0;
         let mut hole = false;
         loop {
-            let take_gap = match (ri.peek(), gi.peek()) {
-                (None, None) => break,
-                (Some(_), None) => false,
-                (None, Some(_)) => true,
-                (Some(r), Some(g)) => g.from_seq < r.seq,
+            let take_gap = match (ri < b.records.len(), gi.peek()) {
+                (false, None) => break,
+                (true, None) => false,
+                (false, Some(_)) => true,
+                (true, Some(g)) => g.from_seq < b.records.seq(ri),
             };
             if take_gap {
                 let g = gi.next().expect("peeked");
@@ -234,18 +235,20 @@ impl HubSession {
                 mark_now = g.through_seq;
                 gaps.push(g);
             } else {
-                let r = ri.next().expect("peeked");
-                if r.seq <= mark_now {
+                let seq = b.records.seq(ri);
+                ri += 1;
+                if seq <= mark_now {
                     continue;
                 }
-                if r.seq > mark_now + 1 {
+                if seq > mark_now + 1 {
                     hole = true;
                     break;
                 }
-                mark_now = r.seq;
-                records.push(r);
+                mark_now = seq;
+                keep.push(ri - 1);
             }
         }
+        let records = b.records.select(&keep);
         if mark_now > mark {
             self.accepted.insert(b.lane.clone(), mark_now);
             self.events.push_back(HubEvent::Store(StoreRequest {
@@ -275,7 +278,7 @@ impl HubSession {
     fn pending_reack(&mut self, lane: String, mark: u64) {
         self.events.push_back(HubEvent::Store(StoreRequest {
             lane,
-            records: Vec::new(),
+            records: Records::default(),
             gaps: Vec::new(),
             through_seq: mark,
         }));

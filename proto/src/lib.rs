@@ -49,6 +49,7 @@ pub mod frame;
 pub mod gateway;
 pub mod hub;
 pub mod limit;
+pub mod records;
 pub mod workload;
 
 #[cfg(test)]

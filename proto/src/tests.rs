@@ -286,7 +286,7 @@ mod sim {
             if req.through_seq < l.hwm {
                 self.hwm_regressions += 1;
             }
-            for r in &req.records {
+            for r in req.records.to_vec() {
                 assert!(
                     r.seq <= req.through_seq,
                     "store request {} holds seq {} beyond its mark",
@@ -664,7 +664,7 @@ mod sim {
                     self.stats.empty_reads += 1;
                 }
                 self.gw
-                    .send_batch(self.now, &slot.lane, records, Vec::new())
+                    .send_batch(self.now, &slot.lane, records.into(), Vec::new())
                     .expect("a batch read from the store is valid");
             }
             while let Some(frame) = self.gw.poll_transmit() {
@@ -1157,7 +1157,7 @@ fn hub_session_starts_at_floor_without_waiting() {
         }
         hub.handle_frame(Frame::Batch(batch("t", 1, 501..=510))).unwrap();
         let Some(HubEvent::Store(req)) = hub.poll_event() else { panic!("store request expected") };
-        assert_eq!(req.records.first().map(|r| r.seq), Some(501));
+        assert_eq!(req.records.first_seq(), Some(501));
         assert_eq!(req.through_seq, 510);
         assert_eq!(hub.poll_transmit(), None, "no refusal (marks {marks:?})");
     }
@@ -1194,7 +1194,7 @@ fn priority_order_without_starvation() {
         assert_eq!(recs.len(), 10);
         let lane = lanes.iter().find(|(n, _)| *n == slot.lane).unwrap().0;
         order.push(lane);
-        gw.send_batch(Duration::ZERO, lane, recs, Vec::new()).unwrap();
+        gw.send_batch(Duration::ZERO, lane, recs.into(), Vec::new()).unwrap();
         while gw.poll_transmit().is_some() {}
     }
     assert_eq!(order.len(), 60);
@@ -1246,7 +1246,7 @@ fn empty_read_marks_lane_drained_until_next_append() {
     let slot = gw.poll_send_slot().unwrap();
     assert_eq!(slot.from_seq, 1);
     // The store turns out to hold nothing (yet): the lane is drained.
-    gw.send_batch(Duration::ZERO, "t", Vec::new(), Vec::new()).unwrap();
+    gw.send_batch(Duration::ZERO, "t", Records::default(), Vec::new()).unwrap();
     assert_eq!(gw.poll_send_slot(), None);
     assert_eq!(gw.poll_transmit(), None, "an empty read sends nothing");
     gw.notify_appended("t", 4);
@@ -1312,8 +1312,13 @@ fn ack_beyond_sent_is_an_error() {
     assert_eq!(err, ProtoError::UnexpectedFrame { got: "Ack", state: "awaiting Welcome" });
     gw.handle_frame(Duration::ZERO, Frame::Welcome(welcome(&[("t", 0)]))).unwrap();
     let slot = gw.poll_send_slot().unwrap();
-    gw.send_batch(Duration::ZERO, "t", store.read("t", slot.from_seq, slot.max_records, slot.max_bytes), Vec::new())
-        .unwrap();
+    gw.send_batch(
+        Duration::ZERO,
+        "t",
+        store.read("t", slot.from_seq, slot.max_records, slot.max_bytes).into(),
+        Vec::new(),
+    )
+    .unwrap();
     assert_eq!(gw.poll_send_slot(), None, "window of one batch is full");
     let err = gw.handle_frame(Duration::ZERO, ack(11)).unwrap_err();
     assert_eq!(err, ProtoError::AckBeyondSent { lane: "t".into(), through_seq: 11, sent_through: 10 });
@@ -1338,7 +1343,8 @@ fn gaps_continue_the_mark_and_retransmits_are_trimmed() {
     hub.poll_transmit();
     let gap = |from_seq, through_seq| Gap { from_seq, through_seq, reason: GapReason::Ttl };
     let mut b = batch("t", 1, 1..=3);
-    b.records.extend(batch("t", 0, 7..=7).records);
+    let more = batch("t", 0, 7..=7).records;
+    b.records = b.records.iter().chain(more.iter()).collect();
     b.gaps.push(gap(4, 6));
     hub.handle_frame(Frame::Batch(b)).unwrap();
     let Some(HubEvent::Store(req)) = hub.poll_event() else { panic!() };
@@ -1364,7 +1370,12 @@ fn gaps_continue_the_mark_and_retransmits_are_trimmed() {
     hub.handle_frame(Frame::Batch(batch("t", 4, 1..=5))).unwrap();
     assert_eq!(
         hub.poll_event(),
-        Some(HubEvent::Store(StoreRequest { lane: "t".into(), records: vec![], gaps: vec![], through_seq: 9 }))
+        Some(HubEvent::Store(StoreRequest {
+            lane: "t".into(),
+            records: Records::default(),
+            gaps: vec![],
+            through_seq: 9
+        }))
     );
 }
 
@@ -1564,4 +1575,111 @@ fn record_ref_encodes_to_the_same_bytes_as_record() {
         assert_eq!(a, b);
         assert_eq!(minicbor::decode::<Record>(&b).unwrap(), owned);
     }
+}
+
+// -------------------------------------------------------------------- records as bytes
+
+/// `Batch` as it was when its records were a `Vec<Record>`: the wire format a
+/// `Records` must keep.
+#[derive(minicbor::Encode)]
+struct VecBatch {
+    #[n(0)]
+    lane: String,
+    #[n(1)]
+    batch_id: u64,
+    #[n(2)]
+    records: Vec<Record>,
+    #[n(3)]
+    gaps: Vec<Gap>,
+}
+
+#[test]
+fn records_encode_to_the_bytes_of_a_vec_of_records() {
+    let mut rng = StdRng::seed_from_u64(11);
+    for n in [0usize, 1, 2, 57] {
+        let recs: Vec<Record> = (1..=n as u64)
+            .map(|seq| Record {
+                seq,
+                ingest_ts_ms: rng.random(),
+                source: "x".repeat(rng.random_range(0..40)),
+                content_type: rng.random_bool(0.5).then(|| "application/cbor".into()),
+                payload: (0..rng.random_range(0..600)).map(|_| rng.random()).collect::<Vec<u8>>().into(),
+            })
+            .collect();
+        let gaps = vec![Gap { from_seq: 1000, through_seq: 1001, reason: GapReason::Capacity }];
+        let new = Batch { lane: "a".into(), batch_id: 3, records: recs.clone().into(), gaps: gaps.clone() };
+        let old = VecBatch { lane: "a".into(), batch_id: 3, records: recs.clone(), gaps };
+        let bytes = minicbor::to_vec(&new).unwrap();
+        assert_eq!(bytes, minicbor::to_vec(&old).unwrap(), "{n} records");
+        // Decoding gives back the same records, each kept as its own encoding.
+        let back: Batch = minicbor::decode(&bytes).unwrap();
+        assert_eq!(back, new);
+        assert_eq!(back.records.to_vec(), recs);
+        for (i, r) in recs.iter().enumerate() {
+            assert_eq!(back.records.raw(i), minicbor::to_vec(r).unwrap().as_slice());
+            assert_eq!(back.records.payload_len(i), r.payload.len());
+        }
+        assert_eq!(back.records.payload_bytes(), recs.iter().map(|r| r.payload.len()).sum::<usize>());
+    }
+}
+
+#[test]
+fn records_decode_from_an_indefinite_array() {
+    let recs: Vec<Record> = batch("t", 1, 4..=6).records.to_vec();
+    let mut e = minicbor::Encoder::new(Vec::new());
+    e.begin_array().unwrap();
+    for r in &recs {
+        e.encode(r).unwrap();
+    }
+    e.end().unwrap();
+    e.u8(9).unwrap();
+    let bytes = e.into_writer();
+    let mut d = minicbor::Decoder::new(&bytes);
+    let got: Records = d.decode().unwrap();
+    assert_eq!(got.to_vec(), recs);
+    assert_eq!(d.u8().unwrap(), 9, "the decoder stops right after the array");
+}
+
+#[test]
+fn a_record_that_is_not_one_is_refused_and_nothing_is_added() {
+    let good = minicbor::to_vec(batch("t", 1, 1..=1).records.get(0)).unwrap();
+    let mut recs = Records::default();
+    assert_eq!(recs.push_raw(&good).unwrap(), 1);
+    let mut trailing = good.clone();
+    trailing.push(0);
+    let not_a_record = minicbor::to_vec(("seq", 2u64)).unwrap();
+    for bad in [&good[..good.len() - 1], &trailing[..], &not_a_record[..], &[][..]] {
+        assert!(recs.push_raw(bad).is_err(), "{bad:?} taken as a record");
+    }
+    assert_eq!(recs.len(), 1);
+    assert_eq!(recs.as_bytes(), good.as_slice());
+    // In a frame, a record that is not one makes the frame malformed.
+    let mut frame = Vec::new();
+    let b = batch("t", 1, 1..=2);
+    encode_frame(&Frame::Batch(b), &mut frame, MAX_FRAME_LEN).unwrap();
+    let at = frame.windows(good.len()).position(|w| w == good.as_slice()).unwrap();
+    frame[at + 1] = 0x60; // the seq becomes an empty text string
+    let mut dec = FrameDecoder::default();
+    dec.push(&frame);
+    assert!(matches!(dec.next_frame(), Err(crate::DecodeError::Malformed(_))));
+}
+
+#[test]
+fn a_record_inside_a_gap_is_not_stored() {
+    // Gaps and records must not overlap; a peer that sends them overlapping gets each
+    // seq stored once, as the first item that continued the mark.
+    let mut hub = HubSession::new("gw", HubInfo::default());
+    hub.handle_frame(Frame::Hello(hello(&[("t", 1, 20)]))).unwrap();
+    hub.poll_event();
+    hub.accept(&[("t".into(), 0)], 0);
+    hub.poll_transmit();
+    let mut b = batch("t", 1, 1..=1);
+    let more = batch("t", 0, 3..=5).records;
+    b.records = b.records.iter().chain(more.iter()).collect();
+    b.gaps.push(Gap { from_seq: 2, through_seq: 4, reason: GapReason::Ttl });
+    hub.handle_frame(Frame::Batch(b)).unwrap();
+    let Some(HubEvent::Store(req)) = hub.poll_event() else { panic!("store request expected") };
+    assert_eq!(req.records.seqs().collect::<Vec<_>>(), vec![1, 5]);
+    assert_eq!(req.records.to_vec(), vec![batch("t", 0, 1..=1).records.get(0).to_owned(), more.get(2).to_owned()]);
+    assert_eq!(req.through_seq, 5);
 }

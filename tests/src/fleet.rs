@@ -43,8 +43,8 @@ use serde::Serialize;
 use tokio::sync::watch;
 use tokio::time::Instant;
 use voither_proto::{
-    encode_frame, FrameDecoder, GatewayConfig, GatewayEvent, GatewaySession, LaneInit, LaneStatus, Record, Status,
-    MAX_FRAME_LEN,
+    encode_frame, FrameDecoder, GatewayConfig, GatewayEvent, GatewaySession, LaneInit, LaneStatus, Record, Records,
+    Status, MAX_FRAME_LEN,
 };
 
 use crate::procs::{self, Hub, Pki};
@@ -566,7 +566,7 @@ async fn drive(
                 let first = store.front().map_or(slot.from_seq, |r| r.seq);
                 let skip = usize::try_from(slot.from_seq.saturating_sub(first)).unwrap_or(usize::MAX);
                 let mut bytes = 0usize;
-                let records: Vec<Record> = store
+                let records: Records = store
                     .iter()
                     .skip(skip)
                     .take(slot.max_records)
@@ -574,9 +574,9 @@ async fn drive(
                         bytes += r.payload.len();
                         bytes <= slot.max_bytes
                     })
-                    .cloned()
+                    .map(Record::as_ref)
                     .collect();
-                let Some(last) = records.last().map(|r| r.seq) else { break };
+                let Some(last) = records.last_seq() else { break };
                 sess.send_batch(origin.elapsed(), &slot.lane, records, Vec::new()).map_err(|e| e.to_string())?;
                 flights.push_back(Flight { last_seq: last, sent: Instant::now() });
                 c.batches.fetch_add(1, Ordering::Relaxed);

@@ -44,6 +44,7 @@ fn append_read_ack_and_seqs_survive_reopen() {
         assert_eq!(app.seqs, vec![1, 1, 2]);
         assert!(app.evicted.is_empty());
         let (got, gaps) = s.read_from("a", 1, 10, 1 << 20).unwrap();
+        let got = got.to_vec();
         assert_eq!(got.iter().map(|r| r.seq).collect::<Vec<_>>(), vec![1, 2]);
         assert!(gaps.is_empty());
         assert_eq!(got[1].payload.as_slice(), &[3; 10]);
@@ -99,6 +100,7 @@ fn drop_oldest_evicts_records_and_reports_a_merged_gap() {
     assert_eq!((st.records, st.bytes, st.oldest_seq), (5, 5 * sz, 1), "the gap is still unacknowledged");
     // Records and the merged gap cover every seq from 1.
     let (recs, gaps) = s.read_from("a", 1, 100, 1 << 20).unwrap();
+    let recs = recs.to_vec();
     assert_eq!(gaps, vec![Gap { from_seq: 1, through_seq: 3, reason: GapReason::Capacity }]);
     assert_eq!(recs.iter().map(|r| r.seq).collect::<Vec<_>>(), vec![4, 5, 6, 7, 8]);
     // A read starting inside the gap gets it trimmed.
@@ -109,6 +111,7 @@ fn drop_oldest_evicts_records_and_reports_a_merged_gap() {
     assert_eq!(s.read_from("a", 1, 100, 1 << 20).unwrap().1[0].from_seq, 3);
     s.ack_through("a", 5).unwrap();
     let (recs, gaps) = s.read_from("a", 1, 100, 1 << 20).unwrap();
+    let recs = recs.to_vec();
     assert!(gaps.is_empty());
     assert_eq!(recs.len(), 3);
 }
@@ -251,7 +254,7 @@ fn read_all(log: &Store, lane: &str) -> Vec<Record> {
     let mut out: Vec<Record> = Vec::new();
     loop {
         let from = out.last().map_or(0, |r| r.seq + 1);
-        let got = log.read_from(lane, from, 97, 1 << 20).unwrap().0;
+        let got = log.read_from(lane, from, 97, 1 << 20).unwrap().0.to_vec();
         if got.is_empty() {
             return out;
         }
@@ -640,6 +643,7 @@ fn a_redb_store_of_an_earlier_version_is_moved_over_once() {
     assert_eq!((st[0].next_seq, st[0].records, st[0].oldest_seq, st[0].oldest_ingest_ts_ms), (10, 6, 1, Some(1004)));
     assert_eq!((st[1].next_seq, st[1].records, st[1].oldest_seq), (42, 0, 42));
     let (recs, gaps) = s.read_from("a", 1, 100, 1 << 20).unwrap();
+    let recs = recs.to_vec();
     assert_eq!(gaps, vec![Gap { from_seq: 1, through_seq: 3, reason: GapReason::Capacity }]);
     assert_eq!(recs.iter().map(|r| r.seq).collect::<Vec<_>>(), (4..10).collect::<Vec<_>>());
     assert_eq!(recs[0].payload.as_slice(), &[4; 10]);
@@ -712,6 +716,7 @@ fn a_lane_no_longer_configured_is_kept_then_evicted_first_when_space_is_needed()
     // Configured again, the lane reports the eviction as a gap before what is left.
     let s = open(&p, &lanes(), u64::MAX);
     let (recs, gaps) = s.read_from("b", 1, 100, 1 << 20).unwrap();
+    let recs = recs.to_vec();
     assert_eq!(gaps, vec![Gap { from_seq: 1, through_seq: ev.through_seq, reason: GapReason::Capacity }]);
     assert_eq!(recs.first().map(|r| r.seq), Some(ev.through_seq + 1));
     assert_eq!(recs.last().map(|r| r.seq), Some(30));
@@ -768,7 +773,7 @@ fn acks_of_what_was_read_keep_the_counters_a_recount_finds() {
                 }
             }
             4..=6 => {
-                let got = s.read_from(lane, read[i], rng.random_range(1..40), 1 << 20).unwrap().0;
+                let got = s.read_from(lane, read[i], rng.random_range(1..40), 1 << 20).unwrap().0.to_vec();
                 if let Some(r) = got.last() {
                     read[i] = r.seq + 1;
                 }
