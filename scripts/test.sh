@@ -81,6 +81,10 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 # The optional features in one pass over the workspace (with -p, the dependencies would
 # be checked again under other feature sets).
 cargo clippy --workspace --all-targets --locked --features "$features" -- -D warnings
+# The cargo-fuzz targets are their own workspace (fuzz/); checking them keeps them in
+# step with the protocol crate. Their lock file is not kept, hence no --locked.
+step "fuzz targets compile (cargo check in fuzz/)"
+(cd fuzz && cargo check --bins --quiet)
 step "cargo build (binaries used by the end-to-end tests)"
 cargo build --workspace --bins --locked
 echo "    cross builds of aarch64 and armv7 start in the background (log: $cross_log)"

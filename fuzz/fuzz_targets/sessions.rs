@@ -6,7 +6,9 @@
 use std::time::Duration;
 
 use libfuzzer_sys::fuzz_target;
-use voither_proto::{FrameDecoder, GatewayConfig, GatewayEvent, GatewaySession, HubEvent, HubInfo, HubSession, LaneInit, Record};
+use voither_proto::{
+    FrameDecoder, GatewayConfig, GatewayEvent, GatewaySession, HubEvent, HubInfo, HubSession, LaneInit, Record,
+};
 
 fuzz_target!(|data: &[u8]| {
     let mut dec = FrameDecoder::new(1 << 20);
@@ -28,10 +30,16 @@ fuzz_target!(|data: &[u8]| {
         gw.handle_timeout(now);
         while let Some(slot) = gw.poll_send_slot() {
             let recs: Vec<Record> = (slot.from_seq..slot.from_seq + 3)
-                .map(|seq| Record { seq, ingest_ts_ms: 0, source: "s".into(), content_type: None, payload: vec![1].into() })
+                .map(|seq| Record {
+                    seq,
+                    ingest_ts_ms: 0,
+                    source: "s".into(),
+                    content_type: None,
+                    payload: vec![1].into(),
+                })
                 .collect();
             sent_max = sent_max.max(slot.from_seq + 2);
-            if gw.send_batch(now, &slot.lane, recs, Vec::new()).is_err() {
+            if gw.send_batch(now, &slot.lane, recs.into(), Vec::new()).is_err() {
                 break;
             }
         }
@@ -49,7 +57,7 @@ fuzz_target!(|data: &[u8]| {
                     hub.accept(&marks, 0);
                 }
                 HubEvent::Store(r) => hub.stored(&r.lane, r.through_seq),
-                HubEvent::Status(_) => {}
+                HubEvent::Status(_) | HubEvent::FetchArtifact(_) => {}
             }
         }
         while gw.poll_transmit().is_some() {}
