@@ -144,6 +144,9 @@ pub fn run(o: &Opts, rt: &tokio::runtime::Runtime, ceiling: bool, drain: bool, r
     // connection attempt to the dead hub waiting out its timeout.
     gw.stop();
     gw.set_config("uplink", &[("backoff_max_ms", "200"), ("connect_timeout_ms", "500")]);
+    if let Ok(w) = std::env::var("VOITHER_BENCH_WINDOW_BATCHES") {
+        gw.set_config("uplink", &[("window_batches", w.as_str())]);
+    }
     gw.restart();
     let gpid = gw.proc.as_ref().expect("gateway runs").pid();
     let watch = Watch::start(gpid);
