@@ -652,8 +652,8 @@ mod tests {
         for (i, r) in records.iter().enumerate() {
             assert_eq!(r.seq, i as u64 + 1);
             assert_eq!(r.source, name);
-            assert_eq!(r.content_type.as_deref(), Some(CONTENT_TYPE));
-            let frame = Frame::decode(&r.payload).unwrap();
+            assert_eq!(r.content_type, Some(CONTENT_TYPE));
+            let frame = Frame::decode(r.payload).unwrap();
             assert_eq!(frame.device_id, device_id(name));
             assert_eq!(frame.counter, i as u32);
             assert!(frame.timestamp_ms >= last_ts && frame.timestamp_ms == r.ingest_ts_ms);
