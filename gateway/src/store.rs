@@ -814,6 +814,12 @@ impl Store {
             let mut sc = Scanner::open(&path, offset).map_err(|e| disk(&path, &e))?;
             let mut mark = ReadMark { seg: c.seg, first: 0, through: 0, records: 0, bytes: 0, resume_at: 0 };
             while want <= c.last_seq {
+                if out.len() + gaps.len() >= max_records || (bytes >= max_bytes && !out.is_empty()) {
+                    // Full: stop before reading (and checking) the next entry, which the
+                    // next read would read again.
+                    marks.push(ReadMark { resume_at: sc.offset, ..mark });
+                    break 'chunks;
+                }
                 let (at, commit) = sc.next_commit(&path)?;
                 for gr in commit.groups.iter().filter(|gr| gr.lane == lane) {
                     for (i, (_, raw)) in gr.records.iter().enumerate() {
