@@ -833,18 +833,10 @@ impl Store {
                         }
                         // The bytes go to the hub as they are: check that they are the
                         // record of this seq.
-                        match out.push_raw(raw) {
-                            Ok(got) if got == s => {}
-                            r => {
-                                return Err(StoreError::Corrupt {
-                                    lane: lane.into(),
-                                    seq: s,
-                                    message: match r {
-                                        Ok(got) => format!("the entry holds seq {got}"),
-                                        Err(e) => e.to_string(),
-                                    },
-                                })
-                            }
+                        let corrupt = |message| StoreError::Corrupt { lane: lane.into(), seq: s, message };
+                        let got = out.push_raw(raw).map_err(|e| corrupt(e.to_string()))?;
+                        if got != s {
+                            return Err(corrupt(format!("the entry holds seq {got}")));
                         }
                         bytes += raw.len();
                         want = s + 1;

@@ -148,11 +148,22 @@ impl Records {
     /// its seq. Nothing is added when `raw` is not exactly one [`Record`].
     pub fn push_raw(&mut self, raw: &[u8]) -> Result<u64, DecodeError> {
         let mut d = Decoder::new(raw);
-        let r: RecordRef<'_> = d.decode()?;
+        let before = self.buf.len();
+        let seq = self.take(&mut d)?;
         if d.position() != raw.len() {
+            self.buf.truncate(before);
+            self.index.pop();
             return Err(DecodeError::message("bytes after the record"));
         }
-        self.buf.extend_from_slice(raw);
+        Ok(seq)
+    }
+
+    /// Checks the record at the decoder's position and appends its bytes: returns its
+    /// seq. Nothing is added when it is not a [`Record`].
+    fn take(&mut self, d: &mut Decoder<'_>) -> Result<u64, DecodeError> {
+        let start = d.position();
+        let r: RecordRef<'_> = d.decode()?;
+        self.buf.extend_from_slice(&d.input()[start..d.position()]);
         self.index.push(Entry { seq: r.seq, end: self.buf.len(), payload: r.payload.len() });
         Ok(r.seq)
     }
@@ -209,25 +220,17 @@ impl<'b, C> Decode<'b, C> for Records {
     fn decode(d: &mut Decoder<'b>, _: &mut C) -> Result<Self, DecodeError> {
         let len = d.array()?;
         let mut out = Self::default();
-        let take = |d: &mut Decoder<'b>, out: &mut Self| -> Result<(), DecodeError> {
-            let start = d.position();
-            let r: RecordRef<'_> = d.decode()?;
-            let end = d.position();
-            out.buf.extend_from_slice(&d.input()[start..end]);
-            out.index.push(Entry { seq: r.seq, end: out.buf.len(), payload: r.payload.len() });
-            Ok(())
-        };
         match len {
             Some(n) => {
                 // The count comes from the peer: reserve by what the input can hold.
                 out.index.reserve((n as usize).min(d.input().len() - d.position()));
                 for _ in 0..n {
-                    take(d, &mut out)?;
+                    out.take(d)?;
                 }
             }
             None => {
                 while d.datatype()? != minicbor::data::Type::Break {
-                    take(d, &mut out)?;
+                    out.take(d)?;
                 }
                 // The break that ends the array is one byte.
                 d.set_position(d.position() + 1);

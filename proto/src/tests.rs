@@ -1334,13 +1334,19 @@ fn ack_beyond_sent_is_an_error() {
 
 // -------------------------------------------------------------------- hub details
 
-#[test]
-fn gaps_continue_the_mark_and_retransmits_are_trimmed() {
+/// A hub session past Hello and Welcome, lane `t` at mark 0.
+fn ready_hub() -> HubSession {
     let mut hub = HubSession::new("gw", HubInfo::default());
     hub.handle_frame(Frame::Hello(hello(&[("t", 1, 20)]))).unwrap();
     hub.poll_event();
     hub.accept(&[("t".into(), 0)], 0);
     hub.poll_transmit();
+    hub
+}
+
+#[test]
+fn gaps_continue_the_mark_and_retransmits_are_trimmed() {
+    let mut hub = ready_hub();
     let gap = |from_seq, through_seq| Gap { from_seq, through_seq, reason: GapReason::Ttl };
     let mut b = batch("t", 1, 1..=3);
     let more = batch("t", 0, 7..=7).records;
@@ -1668,11 +1674,7 @@ fn a_record_that_is_not_one_is_refused_and_nothing_is_added() {
 fn a_record_inside_a_gap_is_not_stored() {
     // Gaps and records must not overlap; a peer that sends them overlapping gets each
     // seq stored once, as the first item that continued the mark.
-    let mut hub = HubSession::new("gw", HubInfo::default());
-    hub.handle_frame(Frame::Hello(hello(&[("t", 1, 20)]))).unwrap();
-    hub.poll_event();
-    hub.accept(&[("t".into(), 0)], 0);
-    hub.poll_transmit();
+    let mut hub = ready_hub();
     let mut b = batch("t", 1, 1..=1);
     let more = batch("t", 0, 3..=5).records;
     b.records = b.records.iter().chain(more.iter()).collect();
