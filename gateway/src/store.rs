@@ -505,12 +505,10 @@ impl Store {
     fn append_locked(&self, g: &mut Inner, records: &[NewRecord], mqtt: &[(u16, u64)]) -> Result<Appended, StoreError> {
         let mut by_lane: Vec<(&str, Vec<usize>)> = Vec::new();
         for (i, r) in records.iter().enumerate() {
-            if !self.specs.contains_key(&r.lane) {
-                return Err(StoreError::UnknownLane(r.lane.clone()));
-            }
             match by_lane.iter_mut().find(|(l, _)| *l == r.lane) {
                 Some((_, v)) => v.push(i),
-                None => by_lane.push((r.lane.as_str(), vec![i])),
+                None if self.specs.contains_key(&r.lane) => by_lane.push((r.lane.as_str(), vec![i])),
+                None => return Err(StoreError::UnknownLane(r.lane.clone())),
             }
         }
         let mut seqs = vec![0; records.len()];
@@ -521,7 +519,6 @@ impl Store {
         body.extend_from_slice(&(by_lane.len() as u16).to_le_bytes());
         // Per lane: (seq, encoded size) of the new records, for the budgets.
         let mut added: BTreeMap<&str, Vec<(u64, u64)>> = BTreeMap::new();
-        let mut cbor = Vec::new();
         for (lane, idx) in &by_lane {
             let l = &g.lanes[*lane];
             put_name(&mut body, lane);
@@ -538,12 +535,16 @@ impl Store {
                     content_type: r.content_type.as_deref(),
                     payload: &r.payload,
                 };
-                cbor.clear();
-                minicbor::encode(rec, &mut cbor).expect("encoding into a Vec is infallible");
-                body.extend_from_slice(&(cbor.len() as u32).to_le_bytes());
+                // The record's CBOR goes straight into the entry; its length, written
+                // before it, is filled in after.
+                let len_at = body.len();
+                body.extend_from_slice(&[0; 4]);
                 body.extend_from_slice(&r.ingest_ts_ms.to_le_bytes());
-                body.extend_from_slice(&cbor);
-                new.push((seq, cbor.len() as u64));
+                let cbor_at = body.len();
+                minicbor::encode(rec, &mut body).expect("encoding into a Vec is infallible");
+                let len = body.len() - cbor_at;
+                body[len_at..len_at + 4].copy_from_slice(&(len as u32).to_le_bytes());
+                new.push((seq, len as u64));
                 seqs[*i] = seq;
             }
             let spec = &self.specs[*lane];
