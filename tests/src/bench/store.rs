@@ -191,7 +191,7 @@ pub fn run(o: &Opts, rows: &mut Vec<Row>) {
             p
         };
         eprintln!(
-            "[store] batch {b}: write + fdatasync, redb, segment store, {ROUNDS} turns of {:.1} s each …",
+            "[store] batch {b}: write + fdatasync, redb, segment store, {:.1} s each in {ROUNDS} turns …",
             dur.as_secs_f64()
         );
         let (recs, mqtt) = batch(b);

@@ -1,10 +1,14 @@
 //! The transport limit: a bare quinn connection (lab PKI, quinn's default transport
 //! settings) moving bytes on one bidirectional stream, client and server in this
-//! process. The server counts what it read and answers with the count once the client
-//! finishes the stream, so the time covers delivery, not just the client's writes.
+//! process, or the server in a second process (`voither-bench --quinn-server`) as
+//! gateway and hub are. The server counts what it read and answers with the count once
+//! the client finishes the stream, so the time covers delivery, not just the client's
+//! writes.
 
+use std::io::BufRead;
 use std::net::SocketAddr;
 use std::path::Path;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// Write size of the client.
@@ -53,4 +57,25 @@ pub async fn bulk(pki: &Path, addr: SocketAddr, total: u64, limit: Duration) -> 
     conn.close(0u32.into(), b"done");
     ep.wait_idle().await;
     (u64::from_be_bytes(ans), elapsed)
+}
+
+/// [`bulk`] to a server in a child process (this executable with `--quinn-server`),
+/// which serves the one transfer and exits.
+pub async fn bulk_to_child(pki: &Path, total: u64) -> (u64, Duration) {
+    let exe = std::env::current_exe().expect("the bench's own path");
+    let mut child = Command::new(exe)
+        .arg("--quinn-server")
+        .arg(pki)
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("the quinn server process starts");
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().expect("piped stdout"))
+        .read_line(&mut line)
+        .expect("the quinn server prints its address");
+    let addr: SocketAddr = line.trim().parse().unwrap_or_else(|_| panic!("the quinn server printed {line:?}"));
+    let r = bulk(pki, addr, total, Duration::from_secs(600)).await;
+    let status = child.wait().expect("the quinn server process ends");
+    assert!(status.success(), "the quinn server process failed: {status}");
+    r
 }

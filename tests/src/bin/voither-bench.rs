@@ -44,12 +44,25 @@ struct Cli {
     /// Folder with aarch64 builds of voither-gateway and voither-hub, for their stripped size.
     #[arg(long, env = "VOITHER_BENCH_AARCH64_DIR")]
     aarch64_dir: Option<PathBuf>,
+    /// Internal: serve one bare quinn bulk transfer with the lab PKI in this folder,
+    /// printing the address first (the two-process transport baseline of `sync`).
+    #[arg(long, hide = true)]
+    quinn_server: Option<PathBuf>,
 }
 
 const SCENARIOS: [&str; 6] = ["ingest", "store", "sync", "latency", "footprint", "longlink"];
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(pki) = cli.quinn_server {
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+        rt.block_on(async {
+            let server = bench::transport::server(&pki);
+            println!("{}", server.local_addr().expect("addr"));
+            bench::transport::serve_one(server).await;
+        });
+        return ExitCode::SUCCESS;
+    }
     if let Some(bad) = cli.only.iter().find(|s| !SCENARIOS.contains(&s.as_str())) {
         eprintln!("voither-bench: unknown scenario {bad:?}; known: {}", SCENARIOS.join(", "));
         return ExitCode::from(64);
@@ -130,6 +143,10 @@ fn sync_rows(
     });
     let quinn_rate = got as f64 / PAYLOAD as f64 / el.as_secs_f64();
     eprintln!("[sync] bare quinn: {:.1} MB/s", got as f64 / el.as_secs_f64() / 1e6);
+    eprintln!("[sync] bare quinn, server in a second process: {bytes} bytes …");
+    let (got2, el2) = rt.block_on(bench::transport::bulk_to_child(pki_dir.path(), bytes));
+    let quinn2_rate = got2 as f64 / PAYLOAD as f64 / el2.as_secs_f64();
+    eprintln!("[sync] bare quinn, two processes: {:.1} MB/s", got2 as f64 / el2.as_secs_f64() / 1e6);
 
     let bridge = bench::bridge::run(opts, rt, n);
     let mbps = bench::pipeline::drain_mbps(n, fl);
@@ -138,6 +155,14 @@ fn sync_rows(
             .baseline("bare quinn, same bytes, one stream", quinn_rate)
             .target("≥ 0.50 of bare quinn", rate / quinn_rate >= 0.5)
             .note(format!("{mbps:.1} MB/s of payload; bare quinn {:.1} MB/s", got as f64 / el.as_secs_f64() / 1e6)),
+    );
+    rows.push(
+        Row::new("sync", "drain vs bare quinn with client and server in two processes", rate, "records/s")
+            .baseline("bare quinn, same bytes, one stream, server in a second process", quinn2_rate)
+            .note(format!(
+                "context for the row above: gateway and hub are two processes; bare quinn that way moved {:.1} MB/s",
+                got2 as f64 / el2.as_secs_f64() / 1e6
+            )),
     );
     match bridge {
         Some(b) => {
