@@ -203,6 +203,13 @@ pub fn run(o: &Opts, rt: &tokio::runtime::Runtime, ceiling: bool, drain: bool, r
     );
 
     if drain {
+        // The drain is only timed from a full backlog: anything else (a hub of another
+        // run still listening on these ports, say) would time records already synced.
+        assert!(
+            backlog >= n,
+            "the gateway holds {backlog} records before the drain, not {n}: something synced them while the hub was down\n{}",
+            gw.log_tail()
+        );
         eprintln!("[sync] drain: {n}-record backlog, gateway → hub (embedded sink) …");
         let gcpu0 = watch.now().cpu_s;
         hub.restart();
