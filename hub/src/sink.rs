@@ -6,15 +6,15 @@
 //!
 //! | table | key | value |
 //! |---|---|---|
-//! | `blocks` | `(gateway, lane, first_seq)` | the records of one batch, each in CBOR, one after another |
+//! | `blocks` | `(gateway, lane, first_seq)` | records of one batch, each in CBOR, one after another, up to [`BLOCK_BYTES`] |
 //! | `counts` | `(gateway, lane)` | records stored |
 //! | `gaps` | `(gateway, lane, from_seq)` | `(through_seq, reason)` |
 //! | `marks` | `(gateway, lane)` | high-water mark |
 //! | `records` | `(gateway, lane, seq)` | a record in CBOR: the layout before blocks, moved into `blocks` when the sink opens |
 //!
-//! A block holds what one store request brought that was above the mark: one B-tree
-//! insert per batch instead of one per record. Blocks of a lane never overlap (marks
-//! only grow), so their keys sort the records in seq order.
+//! A block holds records one store request brought that were above the mark, up to
+//! [`BLOCK_BYTES`]: a few B-tree inserts per batch instead of one per record. Blocks of
+//! a lane never overlap (marks only grow), so their keys sort the records in seq order.
 //!
 //! # Invariants
 //!
@@ -37,6 +37,13 @@ const BLOCKS: TableDefinition<'_, (&str, &str, u64), &[u8]> = TableDefinition::n
 const COUNTS: TableDefinition<'_, (&str, &str), u64> = TableDefinition::new("counts");
 const GAPS: TableDefinition<'_, (&str, &str, u64), (u64, u8)> = TableDefinition::new("gaps");
 const MARKS: TableDefinition<'_, (&str, &str), u64> = TableDefinition::new("marks");
+
+/// Most bytes of records in one block (a single larger record gets a block of its
+/// own). redb gives a value that fills more than a page a power-of-two run of pages,
+/// and writes all of it: a batch of 1,024 records of 256 bytes in one block of 297 KB
+/// wrote 512 KB. Blocks under 64 KiB (the rest is room for the leaf's header and key)
+/// leave only the last block of a batch to round up.
+pub const BLOCK_BYTES: usize = 63 * 1024;
 
 /// Errors of the sink.
 #[derive(Debug, thiserror::Error)]
@@ -454,17 +461,15 @@ fn reason_name(c: u8) -> &'static str {
     }
 }
 
-/// Writes the block of `n` records that starts at `key` and adds them to the lane's count.
-fn put_block(
-    blocks: &mut redb::Table<'_, (&'static str, &'static str, u64), &'static [u8]>,
+/// Adds `n` records to the count of `gateway`'s `lane`.
+fn add_count(
     counts: &mut redb::Table<'_, (&'static str, &'static str), u64>,
-    key: (&str, &str, u64),
-    block: &[u8],
+    gateway: &str,
+    lane: &str,
     n: u64,
 ) -> Result<(), SinkError> {
-    blocks.insert(key, block)?;
-    let c = counts.get((key.0, key.1))?.map_or(0, |v| v.value());
-    counts.insert((key.0, key.1), c + n)?;
+    let c = counts.get((gateway, lane))?.map_or(0, |v| v.value());
+    counts.insert((gateway, lane), c + n)?;
     Ok(())
 }
 
@@ -521,7 +526,8 @@ impl Sink {
                 }
                 if let Some((g, l, first)) = &lane {
                     let (g, l) = (g.as_str(), l.as_str());
-                    put_block(&mut blocks, &mut counts, (g, l, *first), &block, n)?;
+                    blocks.insert((g, l, *first), block.as_slice())?;
+                    add_count(&mut counts, g, l, n)?;
                     records.retain_in((g, l, *first)..=(g, l, last), |_, _| false)?;
                 }
                 n
@@ -581,20 +587,33 @@ impl Sink {
                 for req in *reqs {
                     let lane = req.lane.as_str();
                     let mark = marks.get((gateway, lane))?.map_or(0, |v| v.value());
-                    block.clear();
-                    let mut first = None;
-                    let mut n = 0u64;
-                    // Only seqs above the mark and above the record before: a block
-                    // holds its records in seq order, each once.
-                    let mut floor = mark;
-                    // The records' CBOR goes in as it came (the decoder checked it).
+                    // The records' CBOR goes in as it came (the decoder checked it), in
+                    // blocks of up to BLOCK_BYTES.
                     let recs = &req.records;
                     let all_new = recs.first_seq().is_some_and(|s| s > mark) && recs.strictly_increasing();
+                    let mut n = 0u64;
                     if all_new {
-                        first = recs.first_seq();
+                        // Every record: the blocks are slices of the request's bytes.
+                        let bytes = recs.as_bytes();
+                        let (mut start, mut first) = (0usize, 0usize);
+                        let mut end = 0usize;
+                        for i in 0..recs.len() {
+                            let len = recs.raw(i).len();
+                            if end > start && end - start + len > BLOCK_BYTES {
+                                blocks.insert((gateway, lane, recs.seq(first)), &bytes[start..end])?;
+                                (start, first) = (end, i);
+                            }
+                            end += len;
+                        }
+                        blocks.insert((gateway, lane, recs.seq(first)), &bytes[start..end])?;
                         n = recs.len() as u64;
                         stats.bytes += recs.payload_bytes() as u64;
                     } else {
+                        // Only seqs above the mark and above the record before: a block
+                        // holds its records in seq order, each once.
+                        let mut floor = mark;
+                        let mut first = None;
+                        block.clear();
                         for i in 0..recs.len() {
                             let seq = recs.seq(i);
                             if seq <= floor {
@@ -602,15 +621,23 @@ impl Sink {
                                 continue;
                             }
                             floor = seq;
+                            let raw = recs.raw(i);
+                            if let Some(f) = first.filter(|_| block.len() + raw.len() > BLOCK_BYTES) {
+                                blocks.insert((gateway, lane, f), block.as_slice())?;
+                                block.clear();
+                                first = None;
+                            }
                             first.get_or_insert(seq);
-                            block.extend_from_slice(recs.raw(i));
+                            block.extend_from_slice(raw);
                             n += 1;
                             stats.bytes += recs.payload_len(i) as u64;
                         }
+                        if let Some(f) = first {
+                            blocks.insert((gateway, lane, f), block.as_slice())?;
+                        }
                     }
-                    if let Some(first) = first {
-                        let bytes = if all_new { recs.as_bytes() } else { &block };
-                        put_block(&mut blocks, &mut counts, (gateway, lane, first), bytes, n)?;
+                    if n > 0 {
+                        add_count(&mut counts, gateway, lane, n)?;
                         stats.records += n;
                     }
                     for g in &req.gaps {
@@ -924,6 +951,67 @@ mod tests {
         let seqs: Vec<u64> = exported(&s).iter().map(|r| r["seq"].as_u64().unwrap()).collect();
         assert_eq!(seqs, vec![1, 3, 4]);
         assert_eq!(s.count().unwrap(), 3);
+    }
+
+    /// The blocks of `gateway`'s `lane`: (first seq, bytes).
+    fn blocks_of(s: &Sink, gateway: &str, lane: &str) -> Vec<(u64, usize)> {
+        let txn = s.db.begin_read().unwrap();
+        let t = txn.open_table(BLOCKS).unwrap();
+        t.range((gateway, lane, 0)..=(gateway, lane, u64::MAX))
+            .unwrap()
+            .map(|r| {
+                let (k, v) = r.unwrap();
+                (k.value().2, v.value().len())
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_batch_larger_than_a_block_is_stored_in_several_each_record_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Sink::open(&dir.path().join("sink.redb"), 1 << 20).unwrap();
+        let big = |seq: u64| Record { payload: vec![seq as u8; 256].into(), ..rec(seq) };
+        // All new: blocks are slices of the request.
+        let req = StoreRequest {
+            lane: "a".into(),
+            records: (1..=600).map(big).collect::<Vec<_>>().into(),
+            gaps: vec![],
+            through_seq: 600,
+        };
+        let size: usize = (0..req.records.len()).map(|i| req.records.raw(i).len()).sum();
+        assert!(size > 2 * BLOCK_BYTES, "the test needs a batch of three blocks or more: {size} bytes");
+        assert_eq!(s.commit("gw", &[req]).unwrap().records, 600);
+        // Resent in part, then new: the filtered path splits the same way.
+        let req = StoreRequest {
+            lane: "a".into(),
+            records: (590..=1200).map(big).collect::<Vec<_>>().into(),
+            gaps: vec![],
+            through_seq: 1200,
+        };
+        let st = s.commit("gw", &[req]).unwrap();
+        assert_eq!((st.records, st.duplicates), (600, 11));
+        let blocks = blocks_of(&s, "gw", "a");
+        assert!(blocks.len() >= 6, "{blocks:?}");
+        assert!(blocks.iter().all(|(_, len)| *len <= BLOCK_BYTES), "{blocks:?}");
+        assert_eq!(blocks[0].0, 1);
+        assert!(blocks.iter().any(|(first, _)| *first == 601), "the second request starts a block: {blocks:?}");
+        let seqs: Vec<u64> = exported(&s).iter().map(|r| r["seq"].as_u64().unwrap()).collect();
+        assert_eq!(seqs, (1..=1200).collect::<Vec<u64>>());
+        assert_eq!(s.count().unwrap(), 1200);
+    }
+
+    #[test]
+    fn a_record_larger_than_a_block_gets_a_block_of_its_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Sink::open(&dir.path().join("sink.redb"), 1 << 20).unwrap();
+        let huge = Record { payload: vec![7; BLOCK_BYTES + 1].into(), ..rec(2) };
+        let req =
+            StoreRequest { lane: "a".into(), records: vec![rec(1), huge, rec(3)].into(), gaps: vec![], through_seq: 3 };
+        assert_eq!(s.commit("gw", &[req]).unwrap().records, 3);
+        let firsts: Vec<u64> = blocks_of(&s, "gw", "a").iter().map(|(f, _)| *f).collect();
+        assert_eq!(firsts, vec![1, 2, 3]);
+        let seqs: Vec<u64> = exported(&s).iter().map(|r| r["seq"].as_u64().unwrap()).collect();
+        assert_eq!(seqs, vec![1, 2, 3]);
     }
 
     #[test]
