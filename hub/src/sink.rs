@@ -30,7 +30,7 @@ use std::path::{Path, PathBuf};
 
 use base64::Engine;
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
-use voither_proto::{GapReason, Record, StoreRequest};
+use voither_proto::{GapReason, Record, Records, StoreRequest};
 
 const RECORDS: TableDefinition<'_, (&str, &str, u64), &[u8]> = TableDefinition::new("records");
 const BLOCKS: TableDefinition<'_, (&str, &str, u64), &[u8]> = TableDefinition::new("blocks");
@@ -461,6 +461,43 @@ fn reason_name(c: u8) -> &'static str {
     }
 }
 
+/// Writes the records `kept` (indices into `recs`, rising) of a lane in blocks of up
+/// to [`BLOCK_BYTES`], keyed by their first seq. The records' CBOR goes in as it came
+/// (the decoder checked it): a block of records next to each other in the request is a
+/// slice of its bytes, others are gathered in `scratch` first.
+fn put_blocks(
+    blocks: &mut redb::Table<'_, (&'static str, &'static str, u64), &'static [u8]>,
+    (gateway, lane): (&str, &str),
+    recs: &Records,
+    kept: &[usize],
+    scratch: &mut Vec<u8>,
+) -> Result<(), SinkError> {
+    let mut put = |run: &[usize]| -> Result<(), SinkError> {
+        let (first, last) = (run[0], run[run.len() - 1]);
+        let key = (gateway, lane, recs.seq(first));
+        if last - first + 1 == run.len() {
+            blocks.insert(key, recs.raw_run(first, last))?;
+        } else {
+            scratch.clear();
+            for &i in run {
+                scratch.extend_from_slice(recs.raw(i));
+            }
+            blocks.insert(key, scratch.as_slice())?;
+        }
+        Ok(())
+    };
+    let (mut start, mut size) = (0, 0);
+    for (k, &i) in kept.iter().enumerate() {
+        let len = recs.raw(i).len();
+        if k > start && size + len > BLOCK_BYTES {
+            put(&kept[start..k])?;
+            (start, size) = (k, 0);
+        }
+        size += len;
+    }
+    put(&kept[start..])
+}
+
 /// Adds `n` records to the count of `gateway`'s `lane`.
 fn add_count(
     counts: &mut redb::Table<'_, (&'static str, &'static str), u64>,
@@ -580,65 +617,32 @@ impl Sink {
             let mut counts = txn.open_table(COUNTS)?;
             let mut gaps = txn.open_table(GAPS)?;
             let mut marks = txn.open_table(MARKS)?;
-            let mut block = Vec::new();
+            let (mut kept, mut scratch) = (Vec::new(), Vec::new());
             for (gateway, reqs) in items {
                 let gateway = *gateway;
                 let mut stats = CommitStats::default();
                 for req in *reqs {
                     let lane = req.lane.as_str();
                     let mark = marks.get((gateway, lane))?.map_or(0, |v| v.value());
-                    // The records' CBOR goes in as it came (the decoder checked it), in
-                    // blocks of up to BLOCK_BYTES.
+                    // Only seqs above the mark and above the record before: a block
+                    // holds its records in seq order, each once.
                     let recs = &req.records;
-                    let all_new = recs.first_seq().is_some_and(|s| s > mark) && recs.strictly_increasing();
-                    let mut n = 0u64;
-                    if all_new {
-                        // Every record: the blocks are slices of the request's bytes.
-                        let bytes = recs.as_bytes();
-                        let (mut start, mut first) = (0usize, 0usize);
-                        let mut end = 0usize;
-                        for i in 0..recs.len() {
-                            let len = recs.raw(i).len();
-                            if end > start && end - start + len > BLOCK_BYTES {
-                                blocks.insert((gateway, lane, recs.seq(first)), &bytes[start..end])?;
-                                (start, first) = (end, i);
-                            }
-                            end += len;
+                    let mut floor = mark;
+                    kept.clear();
+                    for i in 0..recs.len() {
+                        let seq = recs.seq(i);
+                        if seq <= floor {
+                            stats.duplicates += 1;
+                            continue;
                         }
-                        blocks.insert((gateway, lane, recs.seq(first)), &bytes[start..end])?;
-                        n = recs.len() as u64;
-                        stats.bytes += recs.payload_bytes() as u64;
-                    } else {
-                        // Only seqs above the mark and above the record before: a block
-                        // holds its records in seq order, each once.
-                        let mut floor = mark;
-                        let mut first = None;
-                        block.clear();
-                        for i in 0..recs.len() {
-                            let seq = recs.seq(i);
-                            if seq <= floor {
-                                stats.duplicates += 1;
-                                continue;
-                            }
-                            floor = seq;
-                            let raw = recs.raw(i);
-                            if let Some(f) = first.filter(|_| block.len() + raw.len() > BLOCK_BYTES) {
-                                blocks.insert((gateway, lane, f), block.as_slice())?;
-                                block.clear();
-                                first = None;
-                            }
-                            first.get_or_insert(seq);
-                            block.extend_from_slice(raw);
-                            n += 1;
-                            stats.bytes += recs.payload_len(i) as u64;
-                        }
-                        if let Some(f) = first {
-                            blocks.insert((gateway, lane, f), block.as_slice())?;
-                        }
+                        floor = seq;
+                        kept.push(i);
+                        stats.bytes += recs.payload_len(i) as u64;
                     }
-                    if n > 0 {
-                        add_count(&mut counts, gateway, lane, n)?;
-                        stats.records += n;
+                    if !kept.is_empty() {
+                        put_blocks(&mut blocks, (gateway, lane), recs, &kept, &mut scratch)?;
+                        add_count(&mut counts, gateway, lane, kept.len() as u64)?;
+                        stats.records += kept.len() as u64;
                     }
                     for g in &req.gaps {
                         if g.through_seq <= mark {

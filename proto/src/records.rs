@@ -113,6 +113,12 @@ impl Records {
         &self.buf[self.span(i)]
     }
 
+    /// The encodings of records `first..=last`, one after another (a slice of
+    /// [`Records::as_bytes`]).
+    pub fn raw_run(&self, first: usize, last: usize) -> &[u8] {
+        &self.buf[self.span(first).start..self.span(last).end]
+    }
+
     /// Each record's seq and encoding, in order.
     pub fn iter_raw(&self) -> impl ExactSizeIterator<Item = (u64, &[u8])> + '_ {
         (0..self.len()).map(|i| (self.index[i].seq, self.raw(i)))

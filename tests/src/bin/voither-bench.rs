@@ -54,8 +54,8 @@ const SCENARIOS: [&str; 6] = ["ingest", "store", "sync", "latency", "footprint",
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
     if let Some(pki) = cli.quinn_server {
-        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
         rt.block_on(async {
             let server = bench::transport::server(&pki);
             println!("{}", server.local_addr().expect("addr"));
@@ -69,7 +69,6 @@ fn main() -> ExitCode {
     }
     let want = |s: &str| cli.only.is_empty() || cli.only.iter().any(|o| o == s);
     let opts = Opts { records: cli.records.unwrap_or(if cli.quick { 100_000 } else { 1_000_000 }), quick: cli.quick };
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
     let meta_start = meta();
     let started = std::time::Instant::now();
     let mut rows: Vec<Row> = Vec::new();
