@@ -99,6 +99,9 @@ pub struct PipelineResult {
     pub drain_secs: Option<f64>,
     /// Drain: seconds from the first record to the last record durable in the sink.
     pub drain_first_last_secs: Option<f64>,
+    /// Drain: CPU seconds of the gateway and of the hub, from the hub's start to the
+    /// last record durable.
+    pub drain_cpu_s: Option<(f64, f64)>,
 }
 
 /// Runs the broker ceiling (if `ceiling`), durable ingest, and the drain (if `drain`).
@@ -244,6 +247,7 @@ pub fn run(o: &Opts, rt: &tokio::runtime::Runtime, ceiling: bool, drain: bool, r
         let fl = (end - first.unwrap_or(ready)).as_secs_f64();
         res.drain_secs = Some(secs);
         res.drain_first_last_secs = Some(fl);
+        res.drain_cpu_s = Some((gcpu, hcpu));
         eprintln!("[sync] drain: {secs:.2} s from hub up ({fl:.2} s first → last record)");
         let peak = watch.now().hwm;
         std::thread::sleep(Duration::from_secs(1));

@@ -3,7 +3,8 @@
 //! process, or the server in a second process (`voither-bench --quinn-server`) as
 //! gateway and hub are. The server counts what it read and answers with the count once
 //! the client finishes the stream, so the time covers delivery, not just the client's
-//! writes.
+//! writes. With the server in a second process, each side's CPU time is measured too:
+//! what the transport alone costs per record, beside what gateway and hub spend.
 
 use std::io::BufRead;
 use std::net::SocketAddr;
@@ -59,9 +60,31 @@ pub async fn bulk(pki: &Path, addr: SocketAddr, total: u64, limit: Duration) -> 
     (u64::from_be_bytes(ans), elapsed)
 }
 
+/// Serves one transfer as `voither-bench --quinn-server`: prints the address, serves,
+/// then prints `cpu <seconds>`, the CPU time this process used.
+pub async fn serve_child(pki: &Path) {
+    let server = server(pki);
+    println!("{}", server.local_addr().expect("addr"));
+    serve_one(server).await;
+    println!("cpu {}", super::sample(std::process::id()).unwrap_or_default().cpu_s);
+}
+
+/// What [`bulk_to_child`] measured.
+#[derive(Debug, Clone, Copy)]
+pub struct ChildBulk {
+    /// Bytes the server read.
+    pub bytes: u64,
+    /// From opening the stream to the server's answer.
+    pub elapsed: Duration,
+    /// CPU time of this process (the client) during the transfer, seconds.
+    pub client_cpu_s: f64,
+    /// CPU time of the server process over its whole life, seconds.
+    pub server_cpu_s: f64,
+}
+
 /// [`bulk`] to a server in a child process (this executable with `--quinn-server`),
 /// which serves the one transfer and exits.
-pub async fn bulk_to_child(pki: &Path, total: u64) -> (u64, Duration) {
+pub async fn bulk_to_child(pki: &Path, total: u64) -> ChildBulk {
     let exe = std::env::current_exe().expect("the bench's own path");
     let mut child = Command::new(exe)
         .arg("--quinn-server")
@@ -69,13 +92,20 @@ pub async fn bulk_to_child(pki: &Path, total: u64) -> (u64, Duration) {
         .stdout(Stdio::piped())
         .spawn()
         .expect("the quinn server process starts");
+    let mut out = std::io::BufReader::new(child.stdout.take().expect("piped stdout"));
     let mut line = String::new();
-    std::io::BufReader::new(child.stdout.take().expect("piped stdout"))
-        .read_line(&mut line)
-        .expect("the quinn server prints its address");
+    out.read_line(&mut line).expect("the quinn server prints its address");
     let addr: SocketAddr = line.trim().parse().unwrap_or_else(|_| panic!("the quinn server printed {line:?}"));
-    let r = bulk(pki, addr, total, Duration::from_secs(600)).await;
+    let cpu0 = super::sample(std::process::id()).unwrap_or_default().cpu_s;
+    let (bytes, elapsed) = bulk(pki, addr, total, Duration::from_secs(600)).await;
+    let client_cpu_s = super::sample(std::process::id()).unwrap_or_default().cpu_s - cpu0;
+    line.clear();
+    out.read_line(&mut line).expect("the quinn server prints its CPU time");
+    let server_cpu_s = line
+        .strip_prefix("cpu ")
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("the quinn server printed {line:?}, not its CPU time"));
     let status = child.wait().expect("the quinn server process ends");
     assert!(status.success(), "the quinn server process failed: {status}");
-    r
+    ChildBulk { bytes, elapsed, client_cpu_s, server_cpu_s }
 }

@@ -56,11 +56,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
     if let Some(pki) = cli.quinn_server {
-        rt.block_on(async {
-            let server = bench::transport::server(&pki);
-            println!("{}", server.local_addr().expect("addr"));
-            bench::transport::serve_one(server).await;
-        });
+        rt.block_on(bench::transport::serve_child(&pki));
         return ExitCode::SUCCESS;
     }
     if let Some(bad) = cli.only.iter().find(|s| !SCENARIOS.contains(&s.as_str())) {
@@ -143,7 +139,8 @@ fn sync_rows(
     let quinn_rate = got as f64 / PAYLOAD as f64 / el.as_secs_f64();
     eprintln!("[sync] bare quinn: {:.1} MB/s", got as f64 / el.as_secs_f64() / 1e6);
     eprintln!("[sync] bare quinn, server in a second process: {bytes} bytes …");
-    let (got2, el2) = rt.block_on(bench::transport::bulk_to_child(pki_dir.path(), bytes));
+    let child = rt.block_on(bench::transport::bulk_to_child(pki_dir.path(), bytes));
+    let (got2, el2) = (child.bytes, child.elapsed);
     let quinn2_rate = got2 as f64 / PAYLOAD as f64 / el2.as_secs_f64();
     eprintln!("[sync] bare quinn, two processes: {:.1} MB/s", got2 as f64 / el2.as_secs_f64() / 1e6);
 
@@ -163,6 +160,43 @@ fn sync_rows(
                 got2 as f64 / el2.as_secs_f64() / 1e6
             )),
     );
+    if let Some((gcpu, hcpu)) = p.drain_cpu_s {
+        // CPU per million records, of the drain and of the transport alone.
+        let per_m = |cpu: f64, records: f64| cpu * 1e6 / records;
+        let quinn_records = got2 as f64 / PAYLOAD as f64;
+        let drain_cpu = per_m(gcpu + hcpu, n as f64);
+        let quinn_cpu = per_m(child.client_cpu_s + child.server_cpu_s, quinn_records);
+        rows.push(
+            Row::new(
+                "sync",
+                "CPU per million records: drain (gateway + hub) vs bare quinn in two processes",
+                drain_cpu,
+                "CPU s",
+            )
+            .baseline("bare quinn client + server, same bytes", quinn_cpu)
+            .note(format!(
+                "gateway {:.2} + hub {:.2}; quinn client {:.2} + server {:.2} CPU s per million records",
+                per_m(gcpu, n as f64),
+                per_m(hcpu, n as f64),
+                per_m(child.client_cpu_s, quinn_records),
+                per_m(child.server_cpu_s, quinn_records)
+            )),
+        );
+        let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
+        rows.push(
+            Row::new(
+                "sync",
+                "drain rate the drain's CPU cost allows on this machine",
+                cores as f64 * 1e6 / drain_cpu,
+                "records/s",
+            )
+            .baseline("bare quinn, same bytes, one stream", quinn_rate)
+            .note(format!(
+                "{cores} cores ÷ the row above's CPU per record, every core busy with the drain and nothing else: \
+                     the ratio is the most of the sync target's baseline the drain could reach at this CPU cost"
+            )),
+        );
+    }
     match bridge {
         Some(b) => {
             let br = b.records as f64 / b.first_last_secs;
