@@ -200,9 +200,10 @@ pub fn run(o: &Opts, rows: &mut Vec<Row>) {
             (Tally::default(), Box::new(redb_commit(&sub("redb"), &recs, &mqtt))),
             (Tally::default(), Box::new(store_commit(&sub("store"), &recs, &mqtt))),
         ];
+        let turns = loops.len();
         for round in 0..ROUNDS as usize {
-            for k in 0..loops.len() {
-                let (tally, commit) = &mut loops[(round + k) % 3];
+            for k in 0..turns {
+                let (tally, commit) = &mut loops[(round + k) % turns];
                 tally.slice(b, dur / ROUNDS, commit.as_mut());
             }
         }

@@ -45,7 +45,8 @@ struct Cli {
     #[arg(long, env = "VOITHER_BENCH_AARCH64_DIR")]
     aarch64_dir: Option<PathBuf>,
     /// Internal: serve one bare quinn bulk transfer with the lab PKI in this folder,
-    /// printing the address first (the two-process transport baseline of `sync`).
+    /// printing the address first and this process's CPU time last (the two-process
+    /// transport baseline of `sync`).
     #[arg(long, hide = true)]
     quinn_server: Option<PathBuf>,
 }
@@ -136,13 +137,15 @@ fn sync_rows(
         let _ = srv.await;
         r
     });
-    let quinn_rate = got as f64 / PAYLOAD as f64 / el.as_secs_f64();
-    eprintln!("[sync] bare quinn: {:.1} MB/s", got as f64 / el.as_secs_f64() / 1e6);
+    // Records of the transfers (bytes ÷ payload size), records/s and MB/s.
+    let records = |b: u64| b as f64 / PAYLOAD as f64;
+    let (quinn_rate, quinn_mbps) = (records(got) / el.as_secs_f64(), got as f64 / el.as_secs_f64() / 1e6);
+    eprintln!("[sync] bare quinn: {quinn_mbps:.1} MB/s");
     eprintln!("[sync] bare quinn, server in a second process: {bytes} bytes …");
     let child = rt.block_on(bench::transport::bulk_to_child(pki_dir.path(), bytes));
-    let (got2, el2) = (child.bytes, child.elapsed);
-    let quinn2_rate = got2 as f64 / PAYLOAD as f64 / el2.as_secs_f64();
-    eprintln!("[sync] bare quinn, two processes: {:.1} MB/s", got2 as f64 / el2.as_secs_f64() / 1e6);
+    let secs2 = child.elapsed.as_secs_f64();
+    let (quinn2_rate, quinn2_mbps) = (records(child.bytes) / secs2, child.bytes as f64 / secs2 / 1e6);
+    eprintln!("[sync] bare quinn, two processes: {quinn2_mbps:.1} MB/s");
 
     let bridge = bench::bridge::run(opts, rt, n);
     let mbps = bench::pipeline::drain_mbps(n, fl);
@@ -150,20 +153,19 @@ fn sync_rows(
         Row::new("sync", &format!("drain {n} records gateway → hub (embedded sink), first → last"), rate, "records/s")
             .baseline("bare quinn, same bytes, one stream", quinn_rate)
             .target("≥ 0.50 of bare quinn", rate / quinn_rate >= 0.5)
-            .note(format!("{mbps:.1} MB/s of payload; bare quinn {:.1} MB/s", got as f64 / el.as_secs_f64() / 1e6)),
+            .note(format!("{mbps:.1} MB/s of payload; bare quinn {quinn_mbps:.1} MB/s")),
     );
     rows.push(
         Row::new("sync", "drain vs bare quinn with client and server in two processes", rate, "records/s")
             .baseline("bare quinn, same bytes, one stream, server in a second process", quinn2_rate)
             .note(format!(
-                "context for the row above: gateway and hub are two processes; bare quinn that way moved {:.1} MB/s",
-                got2 as f64 / el2.as_secs_f64() / 1e6
+                "context for the row above: gateway and hub are two processes; bare quinn that way moved {quinn2_mbps:.1} MB/s"
             )),
     );
     if let Some((gcpu, hcpu)) = p.drain_cpu_s {
         // CPU per million records, of the drain and of the transport alone.
         let per_m = |cpu: f64, records: f64| cpu * 1e6 / records;
-        let quinn_records = got2 as f64 / PAYLOAD as f64;
+        let quinn_records = records(child.bytes);
         let drain_cpu = per_m(gcpu + hcpu, n as f64);
         let quinn_cpu = per_m(child.client_cpu_s + child.server_cpu_s, quinn_records);
         rows.push(
